@@ -1,0 +1,1627 @@
+"""vLLM agent service: REST, SSE and a Gradio page over one tool-using agent.
+
+  1. Settings     Settings: env vars and .env, validated at startup
+  2. Errors       AgentError tree; each class carries its HTTP status
+  3. Schemas      request/response bodies and stream events
+  4. vLLM client  VLLMClient: chat completions (plain and streamed); transport errors translated here
+  5. Parsing      pure functions: Qwen/Hermes text and tool-call arguments -> calls; streaming text filter
+  6. Memory       ConversationStore: conversations and one write per successful turn
+  7. Agent        Agent.run_turn(): the loop, an async generator of events
+  8. App          create_app(), lifespan, error handlers, /api/v1 routes; app = create_app()
+"""
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as FastAPIPath
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from httpx_aiohttp import AiohttpTransport
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    delete,
+    insert,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tools import REGISTRY, ToolRegistry, ToolResult
+from ui import mount_ui
+
+logger = logging.getLogger("agent_app")
+
+# --- 1. Settings ---
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Today's date is {date}. Use the tools when they help to answer "
+    "the user's question, and answer concisely."
+)
+DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{Path(__file__).resolve().parent / 'conversations.db'}"
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_tokens", "seed")
+
+
+class Settings(BaseSettings):
+    """Every knob the service has; `agent_max_steps` is read from AGENT_MAX_STEPS, and so on."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    vllm_base_url: str = "http://localhost:8000"
+    vllm_model: str = "Qwen/Qwen2.5-7B-Instruct"
+    vllm_api_key: SecretStr | None = None
+    vllm_connect_timeout_s: float = Field(default=5.0, gt=0)
+    vllm_timeout_s: float = Field(default=120.0, gt=0)
+    vllm_max_retries: int = Field(default=2, ge=0, le=10)
+    vllm_retry_backoff_s: float = Field(default=0.5, ge=0, le=30)
+    vllm_max_concurrency: int = Field(default=64, ge=1, le=10_000)
+    vllm_queue_timeout_s: float = Field(default=10.0, ge=0)
+    tool_call_format: Literal["auto", "native", "hermes"] = "auto"
+    agent_max_steps: int = Field(default=8, ge=1, le=50)
+    turn_timeout_s: float = Field(default=300.0, gt=0)
+    tool_timeout_s: float = Field(default=30.0, gt=0)
+    tool_result_max_chars: int = Field(default=16_000, ge=100)
+    max_content_chars: int = Field(default=32_000, ge=1, le=1_000_000)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    database_url: str = DEFAULT_DATABASE_URL
+    max_model_len: int | None = Field(default=None, ge=256)
+    context_reserve_tokens: int = Field(default=1024, ge=16)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    allowed_origins: list[str] = ["http://localhost:5173"]
+    api_key: SecretStr | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("vllm_base_url")
+    @classmethod
+    def _normalise_base_url(cls, value: str) -> str:
+        """Accept `http://host:8000`, `.../` and `.../v1`: the client appends `/v1/...` itself."""
+        url = value.strip().rstrip("/")
+        url = url.removesuffix("/v1").rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", url):
+            raise ValueError(f"must be an http(s) URL such as http://localhost:8000, got {value!r}")
+        return url
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, value: str) -> str:
+        """Only async drivers work here; say which URL forms are meant."""
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError("must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return value
+
+    def sampling(self) -> dict[str, Any]:
+        """Sampling parameters that were set; unset ones are left to vLLM's generation config."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS if getattr(self, name) is not None}
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning pydantic's report into one line per bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']).upper()}: {error['msg']}" for error in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None
+
+
+# --- 2. Errors ---
+
+
+class AgentError(Exception):
+    """Base for every failure a request can end with; `status_code` is the HTTP answer."""
+
+    status_code = 500
+    headers: dict[str, str] | None = None
+
+
+class LLMError(AgentError):
+    """vLLM was unreachable, answered with an error, or sent a reply we cannot read."""
+
+    status_code = 502
+
+
+class LLMTimeout(LLMError):
+    """vLLM did not answer within the configured time."""
+
+    status_code = 504
+
+
+class ContextTooLong(LLMError):
+    """vLLM refused the request because the prompt does not fit the model's context window."""
+
+    status_code = 413
+
+
+class AutoToolChoiceUnsupported(LLMError):
+    """vLLM was started without `--enable-auto-tool-choice`, so it rejects a request with `tools`."""
+
+
+class VLLMBusy(AgentError):
+    """Every slot toward vLLM stayed taken for VLLM_QUEUE_TIMEOUT_S; the client should retry later."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class Unauthorized(AgentError):
+    """API_KEY is set and the request did not carry it."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 - constant header of every 401
+
+
+class ToolExecutionError(AgentError):
+    """A tool failed in a way that cannot be handed back to the model."""
+
+    status_code = 500
+
+
+class TurnTimeout(LLMTimeout):
+    """A whole turn took longer than TURN_TIMEOUT_S."""
+
+
+class ConversationNotFound(AgentError):
+    """The conversation id is unknown (or was deleted)."""
+
+    status_code = 404
+
+
+class ConversationBusy(AgentError):
+    """Another turn of the same conversation is still running."""
+
+    status_code = 409
+
+
+class InvalidCursor(AgentError):
+    """A pagination cursor that this service did not hand out."""
+
+    status_code = 422
+
+
+class ContentTooLarge(AgentError):
+    """The user message is longer than MAX_CONTENT_CHARS."""
+
+    status_code = 413
+
+
+# --- 3. Schemas ---
+
+CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+StopReason = Literal["completed", "max_steps", "loop_detected"]
+
+
+class ChatRequest(BaseModel):
+    """One user message; without `conversation_id` a new conversation starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, max_length=1_000_000, description="The user's message.")
+    conversation_id: str | None = Field(
+        default=None,
+        pattern=CONVERSATION_ID_PATTERN,
+        description="Id returned by an earlier turn; null starts a new conversation.",
+    )
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty or only whitespace")
+        return value
+
+
+class ToolCallRecord(BaseModel):
+    """A tool call the model made in this turn, with what the tool returned."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    result: str | None = None
+    error: str | None = None
+
+
+class Usage(BaseModel):
+    """Token counts summed over every vLLM call of a turn."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatResponse(BaseModel):
+    """The outcome of one turn."""
+
+    conversation_id: str
+    content: str
+    tool_calls: list[ToolCallRecord] | None = None
+    usage: Usage | None = None
+    stop_reason: StopReason = "completed"
+
+
+class TokenEvent(BaseModel):
+    """A piece of the visible answer; the pieces concatenate to the final `content`."""
+
+    type: Literal["token"] = "token"
+    content: str
+
+
+class ToolCallEvent(BaseModel):
+    """The model asked for a tool; the result follows as a `tool_result` event with the same id."""
+
+    type: Literal["tool_call"] = "tool_call"
+    id: str
+    name: str
+    arguments: dict[str, Any]
+
+
+class ToolResultEvent(BaseModel):
+    """What a tool returned (or why it failed)."""
+
+    type: Literal["tool_result"] = "tool_result"
+    id: str
+    name: str
+    result: str | None
+    error: str | None
+    duration_s: float
+
+
+class DoneEvent(ChatResponse):
+    """The turn finished and was stored; the same object `/chat` returns."""
+
+    type: Literal["done"] = "done"
+
+
+class ErrorEvent(BaseModel):
+    """The turn failed after the stream had started; nothing of it was stored."""
+
+    type: Literal["error"] = "error"
+    status: int
+    detail: str
+
+
+StreamEvent = TokenEvent | ToolCallEvent | ToolResultEvent | DoneEvent | ErrorEvent
+
+
+class ConversationSummary(BaseModel):
+    """A stored conversation; times are Unix seconds."""
+
+    id: str
+    title: str
+    created_at: float
+    updated_at: float
+    message_count: int
+
+
+class StoredMessage(BaseModel):
+    """One stored message, in vLLM's message shape plus its position, usage and time."""
+
+    position: int
+    role: Literal["user", "assistant", "tool"]
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    usage: dict[str, int] | None = None
+    created_at: float
+
+
+class ConversationDetail(ConversationSummary):
+    """A conversation with its messages in order."""
+
+    messages: list[StoredMessage]
+
+
+class ConversationPage(BaseModel):
+    """One page of conversations, newest first; pass `next_cursor` back as `cursor` for the next."""
+
+    conversations: list[ConversationSummary]
+    next_cursor: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error response."""
+
+    detail: str
+
+
+class ToolInfo(BaseModel):
+    """A tool the agent can call."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+class VLLMStatus(BaseModel):
+    """What the service knows about its vLLM server."""
+
+    url: str
+    reachable: bool
+    model: str
+    tool_call_format: Literal["native", "hermes"]
+
+
+class Health(BaseModel):
+    """Liveness of the service and reachability of vLLM."""
+
+    status: Literal["ok", "degraded"]
+    vllm: VLLMStatus
+
+
+# --- 4. vLLM client ---
+
+CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
+DEFAULT_MAX_MODEL_LEN = 32_768
+AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
+
+
+@dataclass(frozen=True, slots=True)
+class WireToolCall:
+    """A tool call as vLLM sent it; `arguments` is the raw JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One chat completion: text before any tool call, the calls, and the token counts."""
+
+    content: str
+    tool_calls: list[WireToolCall]
+    finish_reason: str | None
+    usage: tuple[int, int, int] | None
+
+
+def upstream_error_message(body: bytes) -> str:
+    """Read vLLM's error text from either body shape, the 401 string form, or a bare body."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:500] or "empty response body"
+    if not isinstance(payload, dict):
+        return text[:500]
+    error = payload.get("error")
+    if isinstance(error, dict):
+        return str(error.get("message") or error)[:500]
+    return str(error or payload.get("message") or payload.get("detail") or text)[:500]
+
+
+def read_usage(payload: Any) -> tuple[int, int, int] | None:
+    """Token counts from a `usage` object, or None when vLLM sent none."""
+    if not isinstance(payload, dict):
+        return None
+    prompt, completion = int(payload.get("prompt_tokens") or 0), int(payload.get("completion_tokens") or 0)
+    return prompt, completion, int(payload.get("total_tokens") or prompt + completion)
+
+
+def read_completion(body: bytes) -> Completion:
+    """Turn a non-streaming response body into a Completion, whatever extra keys the version adds."""
+    try:
+        payload = json.loads(body)
+        choice = payload["choices"][0]
+        message = choice["message"]
+        calls = [
+            WireToolCall(
+                call.get("id") or new_call_id(),
+                call["function"]["name"],
+                call["function"].get("arguments") or "",
+            )
+            for call in message.get("tool_calls") or []
+        ]
+        return Completion(message.get("content") or "", calls, choice.get("finish_reason"),
+                          read_usage(payload.get("usage")))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LLMError("vLLM sent a reply that is not a chat completion") from exc
+
+
+class StreamAssembler:
+    """Rebuilds a Completion from streamed chunks: calls by index (never by id), content before calls."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.calls: dict[int, list[Any]] = {}
+        self.finish_reason: str | None = None
+        self.usage: tuple[int, int, int] | None = None
+        self.done = False
+
+    def feed(self, data: str) -> str:
+        """Take one `data:` payload; return the new visible-candidate text (before any tool call)."""
+        if data == "[DONE]":
+            self.done = True
+            return ""
+        try:
+            chunk = json.loads(data)
+        except ValueError as exc:
+            raise LLMError("vLLM sent an unreadable stream chunk") from exc
+        if not isinstance(chunk, dict):
+            raise LLMError("vLLM sent an unreadable stream chunk")
+        if "error" in chunk:
+            raise LLMError(f"vLLM reported an error: {upstream_error_message(data.encode())}")
+        if chunk.get("usage"):
+            self.usage = read_usage(chunk["usage"])
+        text = ""
+        for choice in chunk.get("choices") or ():
+            if choice.get("index", 0) == 0:
+                text += self._feed_choice(choice)
+        return text
+
+    def _feed_choice(self, choice: dict[str, Any]) -> str:
+        delta = choice.get("delta") or {}
+        for call in delta.get("tool_calls") or ():
+            slot = self.calls.setdefault(call.get("index", 0), [None, "", []])
+            function = call.get("function") or {}
+            slot[0] = call.get("id") or slot[0]
+            slot[1] = function.get("name") or slot[1]
+            if function.get("arguments"):
+                slot[2].append(function["arguments"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        content = delta.get("content")
+        if not content or self.calls:
+            return ""
+        self.content.append(content)
+        return content
+
+    def completion(self) -> Completion:
+        calls = [
+            WireToolCall(call_id or new_call_id(), name, "".join(arguments))
+            for _, (call_id, name, arguments) in sorted(self.calls.items())
+        ]
+        return Completion("".join(self.content), calls, self.finish_reason, self.usage)
+
+
+@contextmanager
+def translate_transport_errors(url: str) -> Iterator[None]:
+    """Foreign exceptions stop here: what reaches the agent is an LLMError."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise LLMError(f"vLLM is not reachable at {url}: {exc}") from exc
+    except httpx.TimeoutException as exc:
+        raise LLMTimeout(f"vLLM at {url} did not answer in time") from exc
+    except httpx.TransportError as exc:
+        raise LLMError(f"the connection to vLLM at {url} failed: {exc}") from exc
+
+
+def error_for_status(status: int, body: bytes) -> LLMError:
+    """Map a non-200 vLLM answer to the error type the agent acts on."""
+    message = upstream_error_message(body)
+    if status == 400 and CONTEXT_LENGTH_MESSAGE.search(message):
+        return ContextTooLong(f"the conversation is too long for the model: {message}")
+    if status == 400 and AUTO_TOOL_CHOICE_MESSAGE.search(message):
+        return AutoToolChoiceUnsupported(message)
+    return LLMError(f"vLLM answered {status}: {message}")
+
+
+class VLLMClient:
+    """Talks to vLLM's OpenAI-compatible API over the process's shared httpx client."""
+
+    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+        self._http = http
+        self.base_url = settings.vllm_base_url
+        self.model = settings.vllm_model
+        self._chat_url = f"{settings.vllm_base_url}/v1/chat/completions"
+        self._headers = {"content-type": "application/json"}
+        if settings.vllm_api_key is not None:
+            self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
+        self._max_model_len: int | None = None
+        self._slots = asyncio.Semaphore(settings.vllm_max_concurrency)
+        self._queue_timeout_s = settings.vllm_queue_timeout_s
+        self._retries = settings.vllm_max_retries
+        self._backoff_s = settings.vllm_retry_backoff_s
+
+    async def complete(self, payload: dict[str, Any]) -> Completion:
+        """One non-streaming chat completion."""
+        async with self._open({**payload, "model": self.model}) as response:
+            with translate_transport_errors(self.base_url):
+                body = await response.aread()
+        return read_completion(body)
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[str | Completion]:
+        """Stream a chat completion: text pieces as they arrive, then the assembled Completion."""
+        request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
+        assembler = StreamAssembler()
+        async with self._open(request) as response:
+            with translate_transport_errors(self.base_url):
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    text = assembler.feed(line[5:].strip())
+                    if text:
+                        yield text
+                    if assembler.done:
+                        break
+        if not assembler.done:
+            raise LLMError("vLLM's stream ended before [DONE]")
+        yield assembler.completion()
+
+    async def max_model_len(self) -> int:
+        """The model's context window from GET /v1/models, asked once; 32768 if vLLM can't say."""
+        if self._max_model_len is None:
+            try:
+                response = await self._http.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=5.0)
+                cards = response.json()["data"] if response.status_code == 200 else []
+                lengths = [card.get("max_model_len") for card in cards if card.get("id") == self.model]
+                self._max_model_len = int(lengths[0]) if lengths and lengths[0] else None
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                logger.info("could not read max_model_len from vLLM's /v1/models")
+        return self._max_model_len or DEFAULT_MAX_MODEL_LEN
+
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:
+        """Exact prompt size from vLLM's POST /tokenize (chat template applied), or None if unavailable."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        if tools:
+            body["tools"] = tools
+        try:
+            response = await self._http.post(f"{self.base_url}/tokenize", json=body, headers=self._headers)
+            return int(response.json()["count"]) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    async def is_reachable(self) -> bool:
+        """True when vLLM's /health answers 200 within a second."""
+        try:
+            response = await self._http.get(f"{self.base_url}/health", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    @asynccontextmanager
+    async def _open(self, payload: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """POST within a concurrency slot, with retries on connection errors and 5xx; yield the 200 response."""
+        content = json.dumps(payload, ensure_ascii=False).encode()
+        async with self._slot():
+            for attempt in range(self._retries + 1):
+                retry = attempt < self._retries
+                try:
+                    response = await self._send(content)
+                except LLMTimeout:
+                    raise
+                except LLMError:
+                    if not retry:
+                        raise
+                else:
+                    if response.status_code == 200:
+                        break
+                    with translate_transport_errors(self.base_url):
+                        body = await response.aread()
+                    if not (retry and response.status_code >= 500):
+                        raise error_for_status(response.status_code, body)
+                logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
+                await asyncio.sleep(self._backoff_s * 2**attempt)
+            try:
+                yield response
+            finally:
+                await response.aclose()
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """Hold one of VLLM_MAX_CONCURRENCY slots; wait at most VLLM_QUEUE_TIMEOUT_S for it."""
+        try:
+            async with asyncio.timeout(self._queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
+                           retry_after_s=max(1, round(self._queue_timeout_s))) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _send(self, content: bytes) -> httpx.Response:
+        request = self._http.build_request("POST", self._chat_url, content=content, headers=self._headers)
+        with translate_transport_errors(self.base_url):
+            return await self._http.send(request, stream=True)
+
+
+def new_call_id() -> str:
+    """A tool-call id in vLLM's style, for calls that arrived without one."""
+    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+
+# --- 5. Parsing ---
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
+TOOL_NAME_IN_TEXT = re.compile(r'"name"\s*:\s*"([^"\\]{1,100})"')
+HERMES_TOOLS_HEADER = (
+    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+HERMES_TOOLS_FOOTER = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call>"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCall:
+    """A tool call read from text; `error` says why it could not be read (the model is told)."""
+
+    name: str
+    arguments: dict[str, Any]
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedReply:
+    """Model text split into what the user sees and the tool calls it holds."""
+
+    content: str
+    calls: tuple[ParsedCall, ...] = ()
+
+
+def close_json(text: str) -> str:
+    """Append the closers a truncated JSON text is missing (vLLM streams sometimes drop a `}`)."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "{[":
+            stack.append("}" if char == "{" else "]")
+        elif char in "}]" and stack and stack[-1] == char:
+            stack.pop()
+    return text + ('"' if in_string else "") + "".join(reversed(stack))
+
+
+def loads_lenient(text: str) -> Any:
+    """json.loads, and when that fails, once more with missing closers appended."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        repaired = close_json(text)
+        if repaired == text:
+            raise
+        try:
+            return json.loads(repaired)
+        except ValueError:
+            raise exc from None
+
+
+def decode_arguments(raw: Any) -> dict[str, Any]:
+    """Tool arguments as a dict: empty means {}, a JSON string holding JSON is unwrapped."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        if not raw.strip():
+            return {}
+        raw = loads_lenient(raw.strip())
+        if isinstance(raw, str):
+            raw = loads_lenient(raw) if raw.strip() else {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"arguments must be a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def parse_call_block(body: str) -> list[ParsedCall]:
+    """Read the JSON object(s) inside one <tool_call> block; unreadable text becomes an error call."""
+    decoder = json.JSONDecoder()
+    text, calls = body.strip(), []
+    while text:
+        try:
+            payload, end = decoder.raw_decode(text)
+        except ValueError:
+            payload, end = None, len(text)
+            try:
+                payload = loads_lenient(text)
+            except ValueError as exc:
+                guess = TOOL_NAME_IN_TEXT.search(text)
+                calls.append(ParsedCall(guess.group(1) if guess else "", {},
+                                        f"the tool call is not valid JSON ({exc}); send it again"))
+                break
+        calls.append(read_call_object(payload))
+        text = text[end:].strip()
+    return calls
+
+
+def read_call_object(payload: Any) -> ParsedCall:
+    """One `{"name": ..., "arguments": ...}` object (Qwen sometimes writes "parameters")."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
+        return ParsedCall("", {}, 'a tool call must be a JSON object with a "name" string')
+    raw = payload["arguments"] if "arguments" in payload else payload.get("parameters")
+    try:
+        return ParsedCall(payload["name"], decode_arguments(raw))
+    except ValueError as exc:
+        return ParsedCall(payload["name"], {}, f"the arguments are not a valid JSON object ({exc})")
+
+
+def parse_hermes_reply(text: str) -> ParsedReply:
+    """Split Qwen/Hermes output into the text before the first <tool_call> and the calls."""
+    start = text.find(TOOL_CALL_OPEN)
+    if start < 0:
+        return ParsedReply(text)
+    calls = [call for body in TOOL_CALL_BLOCK.findall(text, start) for call in parse_call_block(body)]
+    return ParsedReply(text[:start], tuple(calls))
+
+
+def render_hermes_tools(system_prompt: str, tools: list[dict[str, Any]]) -> str:
+    """The system prompt with the tool list, exactly as Qwen2.5's chat template renders `tools`."""
+    listing = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
+    return system_prompt + HERMES_TOOLS_HEADER + listing + HERMES_TOOLS_FOOTER
+
+
+class VisibleTextFilter:
+    """Passes streamed text on, holding back anything that may start <tool_call> markup."""
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._closed = False
+
+    def feed(self, delta: str) -> str:
+        if self._closed:
+            return ""
+        text = self._pending + delta
+        tag = text.find(TOOL_CALL_OPEN)
+        if tag >= 0:
+            self._closed, self._pending = True, ""
+            return text[:tag]
+        lt = text.rfind("<", max(0, len(text) - len(TOOL_CALL_OPEN)))
+        if lt >= 0 and TOOL_CALL_OPEN.startswith(text[lt:]):
+            self._pending = text[lt:]
+            return text[:lt]
+        self._pending = ""
+        return text
+
+    def flush(self) -> str:
+        """End of the text: a lone held-back `<` was just text; a longer tag prefix is dropped."""
+        pending, self._pending = self._pending, ""
+        return pending if pending == "<" and not self._closed else ""
+
+
+# --- 6. Memory ---
+
+METADATA = MetaData()
+CONVERSATIONS = Table(
+    "conversations",
+    METADATA,
+    Column("id", String(64), primary_key=True),
+    Column("title", String(200), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("message_count", Integer, nullable=False),
+    Column("lease_token", String(32)),
+    Column("lease_expires_at", Float),
+    Index("ix_conversations_recent", "updated_at", "id"),
+)
+MESSAGES = Table(
+    "messages",
+    METADATA,
+    Column("conversation_id", String(64), ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("role", String(16), nullable=False),
+    Column("content", Text),
+    Column("tool_calls", JSON),
+    Column("tool_call_id", String(128)),
+    Column("usage", JSON),
+    Column("created_at", Float, nullable=False),
+)
+TITLE_CHARS = 80
+
+
+@dataclass
+class OpenTurn:
+    """A conversation reserved for one turn: its id, its stored messages, and the lease that guards it."""
+
+    conversation_id: str
+    history: list[dict[str, Any]]
+    lease: str | None
+    committed: bool = False
+
+    @property
+    def is_new(self) -> bool:
+        return self.lease is None
+
+
+def wire_message(row: Any) -> dict[str, Any]:
+    """A stored message as vLLM expects it in `messages`."""
+    message: dict[str, Any] = {"role": row.role, "content": row.content}
+    if row.tool_calls:
+        message["tool_calls"] = row.tool_calls
+    if row.tool_call_id is not None:
+        message["tool_call_id"] = row.tool_call_id
+    return message
+
+
+def encode_cursor(updated_at: float, conversation_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{updated_at!r}|{conversation_id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        updated_at, conversation_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return float(updated_at), conversation_id
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidCursor("cursor is not one this service returned") from exc
+
+
+def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers work while a turn is written; busy_timeout makes writers queue, not fail."""
+    cursor = dbapi_connection.cursor()
+    for pragma in ("journal_mode=WAL", "busy_timeout=10000", "foreign_keys=ON", "synchronous=NORMAL"):
+        cursor.execute(f"PRAGMA {pragma}")
+    cursor.close()
+
+
+class ConversationStore:
+    """Conversations in SQLite or PostgreSQL (SQLAlchemy Core); one transaction per successful turn.
+
+    A turn holds a lease on its conversation (a token and an expiry in the row), so a second turn on
+    the same conversation gets 409 on every worker and instance that shares the database.
+    """
+
+    def __init__(self, engine: AsyncEngine, lease_s: float) -> None:
+        self._engine = engine
+        self._lease_s = lease_s
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, url: str, *, lease_s: float) -> AsyncIterator["ConversationStore"]:
+        """Connect, create the tables if missing, and dispose of the engine on exit."""
+        engine = create_async_engine(url)
+        if engine.dialect.name == "sqlite":
+            sqlalchemy_event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(METADATA.create_all)
+            yield cls(engine, lease_s)
+        finally:
+            await engine.dispose()
+
+    async def open_turn(self, conversation_id: str | None) -> OpenTurn:
+        """Reserve a conversation for one turn (409 while another turn runs); None starts a new one."""
+        if conversation_id is None:
+            return OpenTurn(uuid.uuid4().hex, [], None)
+        lease, now = uuid.uuid4().hex, time.time()
+        async with self._engine.begin() as conn:
+            taken = await conn.execute(
+                update(CONVERSATIONS)
+                .where(CONVERSATIONS.c.id == conversation_id,
+                       or_(CONVERSATIONS.c.lease_expires_at.is_(None), CONVERSATIONS.c.lease_expires_at < now))
+                .values(lease_token=lease, lease_expires_at=now + self._lease_s)
+            )
+            if taken.rowcount != 1:
+                await self._raise_missing_or_busy(conn, conversation_id)
+            history = await self._messages(conn, conversation_id)
+        return OpenTurn(conversation_id, [wire_message(row) for row in history], lease)
+
+    async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]],
+                          usages: list[dict[str, int] | None]) -> None:
+        """Write the turn's messages and release the lease, all in one transaction."""
+        now, first = time.time(), len(turn.history)
+        async with self._engine.begin() as conn:
+            if turn.is_new:
+                await conn.execute(insert(CONVERSATIONS).values(
+                    id=turn.conversation_id, title=conversation_title(messages), created_at=now, updated_at=now,
+                    message_count=len(messages)))
+            else:
+                kept = await conn.execute(
+                    update(CONVERSATIONS)
+                    .where(CONVERSATIONS.c.id == turn.conversation_id, CONVERSATIONS.c.lease_token == turn.lease)
+                    .values(updated_at=now, message_count=first + len(messages), lease_token=None,
+                            lease_expires_at=None)
+                )
+                if kept.rowcount != 1:
+                    raise ConversationBusy(f"conversation {turn.conversation_id!r} was deleted or taken over "
+                                           "while this turn ran; the turn was not stored")
+            await conn.execute(insert(MESSAGES), [
+                {"conversation_id": turn.conversation_id, "position": first + offset, "role": message["role"],
+                 "content": message.get("content"), "tool_calls": message.get("tool_calls"),
+                 "tool_call_id": message.get("tool_call_id"), "usage": usage, "created_at": now}
+                for offset, (message, usage) in enumerate(zip(messages, usages, strict=True))
+            ])
+        turn.committed = True
+
+    async def close_turn(self, turn: OpenTurn) -> None:
+        """Release the lease of a turn that was not committed (commit releases it itself)."""
+        if turn.committed or turn.is_new:
+            return
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(CONVERSATIONS)
+                .where(CONVERSATIONS.c.id == turn.conversation_id, CONVERSATIONS.c.lease_token == turn.lease)
+                .values(lease_token=None, lease_expires_at=None)
+            )
+
+    async def load_messages(self, conversation_id: str) -> list[dict[str, Any]]:
+        """The stored messages of a conversation, oldest first, in vLLM's message shape."""
+        async with self._engine.connect() as conn:
+            await self._summary(conn, conversation_id)
+            return [wire_message(row) for row in await self._messages(conn, conversation_id)]
+
+    async def get_conversation(self, conversation_id: str) -> ConversationDetail:
+        async with self._engine.connect() as conn:
+            summary = await self._summary(conn, conversation_id)
+            rows = await self._messages(conn, conversation_id)
+        return ConversationDetail(**summary.model_dump(), messages=[
+            StoredMessage(position=row.position, role=row.role, content=row.content, tool_calls=row.tool_calls,
+                          tool_call_id=row.tool_call_id, usage=row.usage, created_at=row.created_at)
+            for row in rows
+        ])
+
+    async def list_conversations(self, limit: int, cursor: str | None) -> ConversationPage:
+        """Newest first; `cursor` continues after the last conversation of the previous page."""
+        query = select(*SUMMARY_COLUMNS).order_by(CONVERSATIONS.c.updated_at.desc(), CONVERSATIONS.c.id.desc())
+        if cursor is not None:
+            updated_at, conversation_id = decode_cursor(cursor)
+            query = query.where(or_(CONVERSATIONS.c.updated_at < updated_at,
+                                    and_(CONVERSATIONS.c.updated_at == updated_at,
+                                         CONVERSATIONS.c.id < conversation_id)))
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query.limit(limit + 1))).all()
+        page = [ConversationSummary.model_validate(row._mapping) for row in rows[:limit]]
+        more = len(rows) > limit
+        return ConversationPage(conversations=page,
+                                next_cursor=encode_cursor(page[-1].updated_at, page[-1].id) if more else None)
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(MESSAGES).where(MESSAGES.c.conversation_id == conversation_id))
+            gone = await conn.execute(delete(CONVERSATIONS).where(CONVERSATIONS.c.id == conversation_id))
+            if gone.rowcount != 1:
+                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+
+    @staticmethod
+    async def _messages(conn: AsyncConnection, conversation_id: str) -> Sequence[Any]:
+        query = select(MESSAGES).where(MESSAGES.c.conversation_id == conversation_id).order_by(MESSAGES.c.position)
+        return (await conn.execute(query)).all()
+
+    @staticmethod
+    async def _summary(conn: AsyncConnection, conversation_id: str) -> ConversationSummary:
+        row = (await conn.execute(select(*SUMMARY_COLUMNS).where(CONVERSATIONS.c.id == conversation_id))).first()
+        if row is None:
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+        return ConversationSummary.model_validate(row._mapping)
+
+    @staticmethod
+    async def _raise_missing_or_busy(conn: AsyncConnection, conversation_id: str) -> None:
+        exists = await conn.scalar(select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.id == conversation_id))
+        if exists is None:
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+        raise ConversationBusy(f"conversation {conversation_id!r} is busy with another turn; "
+                               "retry when that turn has finished")
+
+
+SUMMARY_COLUMNS = (CONVERSATIONS.c.id, CONVERSATIONS.c.title, CONVERSATIONS.c.created_at,
+                   CONVERSATIONS.c.updated_at, CONVERSATIONS.c.message_count)
+
+
+def conversation_title(messages: list[dict[str, Any]]) -> str:
+    """The first line of the first user message, shortened: enough to recognise a conversation."""
+    text = next((m["content"] for m in messages if m["role"] == "user"), "") or ""
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+
+
+# --- 7. Agent ---
+
+REPEATED_CALL_LIMIT = 3
+FINAL_ANSWER_NUDGE = (
+    "Stop calling tools now. Answer the user's last message with what the tool results above "
+    "already show, and say what is still unknown."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A call the agent will run; `error` is set when the call itself could not be read."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    error: str | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The call as vLLM expects it in history: arguments always a valid JSON string."""
+        arguments = json.dumps(self.arguments, ensure_ascii=False)
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+
+
+@dataclass(slots=True)
+class StepReply:
+    """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts."""
+
+    message: dict[str, Any]
+    calls: list[ToolCall]
+    usage: tuple[int, int, int] | None
+
+
+@dataclass
+class TurnState:
+    """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them)."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    usages: list[dict[str, int] | None] = field(default_factory=list)
+    content: list[str] = field(default_factory=list)
+    records: list[ToolCallRecord] = field(default_factory=list)
+    usage: list[int] | None = None
+    call_counts: Counter[str] = field(default_factory=Counter)
+
+    def add(self, message: dict[str, Any], usage: tuple[int, int, int] | None = None) -> None:
+        self.messages.append(message)
+        self.usages.append(None if usage is None else dict(zip(USAGE_KEYS, usage, strict=True)))
+        if usage is not None:
+            self.usage = [a + b for a, b in zip(self.usage or [0, 0, 0], usage, strict=True)]
+
+
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def calls_from_completion(completion: Completion) -> tuple[str, list[ToolCall]]:
+    """Visible text and calls: vLLM's parsed calls, else any <tool_call> blocks left in the text."""
+    if completion.tool_calls:
+        calls = []
+        for wire in completion.tool_calls:
+            try:
+                calls.append(ToolCall(wire.id, wire.name, decode_arguments(wire.arguments)))
+            except ValueError as exc:
+                calls.append(ToolCall(wire.id, wire.name, {}, f"the arguments are not valid JSON ({exc})"))
+        return completion.content, calls
+    parsed = parse_hermes_reply(completion.content)
+    return parsed.content, [ToolCall(new_call_id(), call.name, call.arguments, call.error) for call in parsed.calls]
+
+
+def estimate_tokens(value: Any) -> int:
+    """A cheap, deliberately high token estimate: UTF-8 bytes / 3 (Qwen averages ~4 bytes a token)."""
+    return len(json.dumps(value, ensure_ascii=False).encode()) // 3 + 1
+
+
+def split_turns(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Stored messages grouped into turns, each starting at a user message, so a turn is dropped whole."""
+    turns: list[list[dict[str, Any]]] = []
+    for message in history:
+        if message["role"] == "user" or not turns:
+            turns.append([])
+        turns[-1].append(message)
+    return turns
+
+
+class Agent:
+    """The tool-calling loop over one vLLM server, a tool registry and a conversation store."""
+
+    def __init__(self, llm: VLLMClient, registry: ToolRegistry, store: ConversationStore,
+                 settings: Settings) -> None:
+        self.llm = llm
+        self.registry = registry
+        self.store = store
+        self.settings = settings
+        self.tool_format: Literal["native", "hermes"] = (
+            "hermes" if settings.tool_call_format == "hermes" else "native"
+        )
+        self._sampling = settings.sampling()
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def open_turn(self, conversation_id: str | None) -> OpenTurn:
+        """Reserve the conversation before any output, so 404 and 409 are real HTTP answers."""
+        return await self.store.open_turn(conversation_id)
+
+    async def run_turn(self, turn: OpenTurn, content: str, *, stream: bool = False) -> AsyncIterator[StreamEvent]:
+        """Run one user turn, yielding events as they happen; the last one is a DoneEvent.
+
+        Nothing is written until the turn succeeds, so a failed turn leaves the history as it was.
+        The whole turn is bounded by TURN_TIMEOUT_S, however many steps it takes.
+        """
+        events = self._turn_events(turn, content, stream=stream)
+        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_s
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s "
+                                      "(TURN_TIMEOUT_S)") from None
+                yield event
+        finally:
+            await events.aclose()
+
+    async def _turn_events(self, turn: OpenTurn, content: str, *, stream: bool) -> AsyncIterator[StreamEvent]:
+        try:
+            state = TurnState()
+            state.add({"role": "user", "content": content})
+            stop_reason: StopReason = "max_steps"
+            for _ in range(self.settings.agent_max_steps):
+                reply = None
+                async for item in self._step(turn.history, state, stream=stream, tools=True):
+                    if isinstance(item, StepReply):
+                        reply = item
+                    else:
+                        yield item
+                if not reply.calls:
+                    state.add(reply.message, reply.usage)
+                    stop_reason = "completed"
+                    break
+                if self._is_looping(reply.calls, state):
+                    stop_reason = "loop_detected"
+                    break
+                state.add(reply.message, reply.usage)
+                async for event in self._run_tools(reply.calls, state):
+                    yield event
+            if stop_reason != "completed":
+                async for event in self._final_answer(turn, state, stream=stream):
+                    yield event
+            await self._finish(self.store.commit_turn(turn, state.messages, state.usages))
+            yield self._done(turn, state, stop_reason)
+        finally:
+            await self._finish(self.store.close_turn(turn))
+
+    async def _finish(self, write: Any) -> None:
+        """Complete a store write even when the turn is being cancelled (e.g. the client went away)."""
+        task = asyncio.ensure_future(write)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        await asyncio.shield(task)
+
+    async def _final_answer(self, turn: OpenTurn, state: TurnState, *, stream: bool) -> AsyncIterator[StreamEvent]:
+        """One last call without tools, so a turn that ran out of steps still ends with an answer."""
+        nudge = {"role": "system", "content": FINAL_ANSWER_NUDGE}
+        async for item in self._step(turn.history, state, stream=stream, tools=False, nudge=nudge):
+            if isinstance(item, StepReply):
+                state.add(item.message, item.usage)
+            else:
+                yield item
+
+    def _is_looping(self, calls: list[ToolCall], state: TurnState) -> bool:
+        """True when a call repeats one already made REPEATED_CALL_LIMIT - 1 times this turn."""
+        keys = [f"{call.name}:{json.dumps(call.arguments, sort_keys=True)}" for call in calls]
+        if any(state.call_counts[key] >= REPEATED_CALL_LIMIT - 1 for key in keys):
+            logger.warning("the model repeats the same tool call; asking it for a final answer")
+            return True
+        state.call_counts.update(keys)
+        return False
+
+    async def _step(self, history: list[dict[str, Any]], state: TurnState, *, stream: bool, tools: bool,
+                    nudge: dict[str, Any] | None = None) -> AsyncIterator[TokenEvent | StepReply]:
+        """One LLM call: visible text as TokenEvents, then the StepReply."""
+        visible = VisibleTextFilter()
+        pieces: list[str] = []
+        completion: Completion | None = None
+        current = state.messages if nudge is None else [*state.messages, nudge]
+        async for piece in self._complete(history, current, stream=stream, tools=tools):
+            if isinstance(piece, Completion):
+                completion = piece
+            elif text := visible.feed(piece):
+                yield self._token(text, pieces, state)
+        if completion is None:
+            raise LLMError("vLLM's reply ended without a completion")
+        content, calls = calls_from_completion(completion)
+        tail = visible.flush() if stream else content
+        if tail:
+            yield self._token(tail, pieces, state)
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
+        if calls and tools:
+            message["tool_calls"] = [call.wire() for call in calls]
+        yield StepReply(message, calls if tools else [], completion.usage)
+
+    @staticmethod
+    def _token(text: str, pieces: list[str], state: TurnState) -> TokenEvent:
+        """A visible piece; a step's text is set off from an earlier step's by a blank line."""
+        pieces.append(text)
+        if len(pieces) == 1 and state.content and not state.content[-1].endswith("\n"):
+            text = "\n\n" + text
+        state.content.append(text)
+        return TokenEvent(content=text)
+
+    async def _complete(self, history: list[dict[str, Any]], current: list[dict[str, Any]], *, stream: bool,
+                        tools: bool) -> AsyncIterator[str | Completion]:
+        """Call vLLM; switch to Hermes once if vLLM has no tool parser; trim harder once if vLLM says too long."""
+        harder = False
+        while True:
+            payload = await self._payload(history, current, tools=tools, harder=harder)
+            try:
+                if stream:
+                    async for piece in self.llm.stream(payload):
+                        yield piece
+                else:
+                    yield await self.llm.complete(payload)
+                return
+            except AutoToolChoiceUnsupported:
+                if self.tool_format != "native" or self.settings.tool_call_format != "auto":
+                    raise
+                self.tool_format = "hermes"
+                logger.warning(
+                    "vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
+                    "switching to Hermes tool calls in the prompt", self.llm.base_url,
+                )
+            except ContextTooLong:
+                if harder:
+                    raise
+                harder = True
+
+    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], *, tools: bool,
+                       harder: bool) -> dict[str, Any]:
+        """The request body: system prompt (with tools in Hermes mode), what fits of history, tools, sampling."""
+        schemas = self.registry.openai_schemas() if tools else []
+        system_text = self.settings.system_prompt.replace("{date}", datetime.now(UTC).date().isoformat())
+        if schemas and self.tool_format == "hermes":
+            system_text = render_hermes_tools(system_text, schemas)
+        native_tools = schemas if self.tool_format == "native" else []
+        system = {"role": "system", "content": system_text}
+        messages = await self._fit(system, history, current, native_tools, harder=harder)
+        payload: dict[str, Any] = {"messages": messages, **self._sampling}
+        if native_tools:
+            payload["tools"] = native_tools
+        return payload
+
+    async def _fit(self, system: dict[str, Any], history: list[dict[str, Any]], current: list[dict[str, Any]],
+                   tools: list[dict[str, Any]], *, harder: bool) -> list[dict[str, Any]]:
+        """System prompt, the newest whole turns of history that fit the window, and the current turn.
+
+        Below half the budget a cheap estimate decides; nearer the limit vLLM's /tokenize counts.
+        """
+        budget = await self._token_budget()
+        if harder:
+            budget = budget * 3 // 4
+        messages = [system, *history, *current]
+        estimate = estimate_tokens(messages) + estimate_tokens(tools)
+        if estimate <= budget // 2:
+            return messages
+        turns = split_turns(history)
+        sizes = [estimate_tokens(turn) for turn in turns]
+        first = 0
+        while True:
+            count = estimate if estimate <= budget // 2 else await self.llm.count_tokens(messages, tools) or estimate
+            if count <= budget:
+                if first:
+                    logger.info("sending the newest %d of %d turns to fit %d tokens", len(turns) - first,
+                                len(turns), budget)
+                return messages
+            if first == len(turns):
+                raise ContextTooLong(f"the message is too long for the model: about {count} tokens, and the "
+                                     f"context window leaves {budget} for the prompt")
+            excess, ratio = count - budget, count / estimate
+            while first < len(turns) and excess > 0:
+                excess -= sizes[first] * ratio
+                estimate -= sizes[first]
+                first += 1
+            messages = [system, *(m for turn in turns[first:] for m in turn), *current]
+
+    async def _token_budget(self) -> int:
+        """Prompt tokens allowed: the model's window minus the room kept for the answer."""
+        window = self.settings.max_model_len or await self.llm.max_model_len()
+        reserve = self.settings.max_tokens or self.settings.context_reserve_tokens
+        return max(window - reserve, window // 4)
+
+    async def _run_tools(self, calls: list[ToolCall], state: TurnState) -> AsyncIterator[StreamEvent]:
+        """Run a reply's calls concurrently; events as results come, messages in call order."""
+        for call in calls:
+            yield ToolCallEvent(id=call.id, name=call.name, arguments=call.arguments)
+        tasks = [asyncio.create_task(self._run_tool(index, call)) for index, call in enumerate(calls)]
+        results: list[ToolResult | None] = [None] * len(calls)
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                index, result = await next_done
+                results[index] = result
+                call = calls[index]
+                yield ToolResultEvent(id=call.id, name=call.name, result=result.result, error=result.error,
+                                      duration_s=round(result.duration_s, 4))
+        finally:
+            for task in tasks:
+                task.cancel()
+        for call, result in zip(calls, results, strict=True):
+            state.records.append(ToolCallRecord(id=call.id, name=call.name, arguments=call.arguments,
+                                                result=result.result, error=result.error))
+            text = result.result if result.error is None else f"Error: {result.error}"
+            state.add({"role": "tool", "tool_call_id": call.id, "content": text})
+
+    async def _run_tool(self, index: int, call: ToolCall) -> tuple[int, ToolResult]:
+        if call.error is not None:
+            return index, ToolResult(None, call.error, 0.0)
+        result = await self.registry.run(call.name, call.arguments, timeout_s=self.settings.tool_timeout_s,
+                                         max_result_chars=self.settings.tool_result_max_chars)
+        return index, result
+
+    @staticmethod
+    def _done(turn: OpenTurn, state: TurnState, stop_reason: StopReason) -> DoneEvent:
+        usage = None
+        if state.usage is not None:
+            usage = Usage(prompt_tokens=state.usage[0], completion_tokens=state.usage[1],
+                          total_tokens=state.usage[2])
+        return DoneEvent(conversation_id=turn.conversation_id, content="".join(state.content),
+                         tool_calls=state.records or None, usage=usage, stop_reason=stop_reason)
+
+
+# --- 8. App ---
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 500, 502, 503, 504)
+}
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+bearer_scheme = HTTPBearer(auto_error=False, description="The service's API_KEY, when it is set.")
+
+
+def get_agent(request: Request) -> Agent:
+    return request.app.state.agent
+
+
+AgentDep = Annotated[Agent, Depends(get_agent)]
+
+
+async def require_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+) -> None:
+    """With API_KEY set, every /api/v1 route but /health needs `Authorization: Bearer <key>`."""
+    expected: bytes | None = request.app.state.api_key
+    if expected is None:
+        return
+    given = credentials.credentials.encode() if credentials is not None else b""
+    if not hmac.compare_digest(given, expected):
+        raise Unauthorized("missing or wrong API key: send the header Authorization: Bearer <API_KEY>")
+
+
+async def open_chat_turn(body: ChatRequest, agent: AgentDep) -> OpenTurn:
+    """Check the request and reserve the conversation before a response starts."""
+    limit = agent.settings.max_content_chars
+    if len(body.content) > limit:
+        raise ContentTooLarge(f"content is {len(body.content)} characters; the limit is {limit}")
+    return await agent.open_turn(body.conversation_id)
+
+
+TurnDep = Annotated[OpenTurn, Depends(open_chat_turn)]
+ConversationId = Annotated[str, FastAPIPath(pattern=CONVERSATION_ID_PATTERN)]
+router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
+open_router = APIRouter(prefix="/api/v1")
+
+
+@router.post("/chat", summary="Run one agent turn and return the answer")
+async def chat(body: ChatRequest, agent: AgentDep, turn: TurnDep) -> ChatResponse:
+    events = [event async for event in agent.run_turn(turn, body.content)]
+    return events[-1]
+
+
+@router.post("/chat/stream", response_class=EventSourceResponse,
+             summary="Run one agent turn, streaming events as Server-Sent Events")
+async def chat_stream(body: ChatRequest, agent: AgentDep, turn: TurnDep) -> AsyncIterator[ServerSentEvent]:
+    async for event in with_error_event(agent.run_turn(turn, body.content, stream=True)):
+        yield ServerSentEvent(event=event.type, raw_data=event.model_dump_json())
+
+
+async def with_error_event(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
+    """Once the headers are sent the status can't change: a failure becomes the last event."""
+    try:
+        async for event in events:
+            yield event
+    except AgentError as exc:
+        logger.info("turn failed: %s %s", exc.status_code, exc)
+        yield ErrorEvent(status=exc.status_code, detail=str(exc))
+    except Exception:
+        logger.exception("unexpected error in a streamed turn")
+        yield ErrorEvent(status=500, detail="internal error")
+
+
+@router.get("/conversations", summary="List stored conversations, newest first")
+async def list_conversations(
+    agent: AgentDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Conversations per page.")] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page.")] = None,
+) -> ConversationPage:
+    return await agent.store.list_conversations(limit, cursor)
+
+
+@router.get("/conversations/{conversation_id}", summary="One conversation with its messages in order")
+async def get_conversation(conversation_id: ConversationId, agent: AgentDep) -> ConversationDetail:
+    return await agent.store.get_conversation(conversation_id)
+
+
+@router.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")
+async def delete_conversation(conversation_id: ConversationId, agent: AgentDep) -> Response:
+    await agent.store.delete_conversation(conversation_id)
+    return Response(status_code=204)
+
+
+@router.get("/tools", summary="List the tools the agent can call")
+async def list_tools(agent: AgentDep) -> list[ToolInfo]:
+    return [ToolInfo(name=tool.name, description=tool.description, parameters=tool.parameters)
+            for tool in agent.registry.tools]
+
+
+@open_router.get("/health", summary="Service status and whether vLLM is reachable (no API key needed)")
+async def health(agent: AgentDep) -> Health:
+    reachable = await agent.llm.is_reachable()
+    status = VLLMStatus(url=agent.llm.base_url, reachable=reachable, model=agent.llm.model,
+                        tool_call_format=agent.tool_format)
+    return Health(status="ok" if reachable else "degraded", vllm=status)
+
+
+async def agent_error_handler(request: Request, exc: AgentError) -> JSONResponse:
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable line per problem; the offending input is never echoed back."""
+    problems = "; ".join(
+        f"{'.'.join(str(part) for part in error['loc'] if part != 'body') or 'body'}: {error['msg']}"
+        for error in exc.errors()
+    )
+    return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+class RequestContextMiddleware:
+    """Per request: an id (X-Request-ID in and out, and in every log line), an access log line, and a cap
+    on API body size so a huge upload is refused with 413 before it is read into memory."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        token = REQUEST_ID.set(request_id)
+        started, status = time.perf_counter(), 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if not scope["path"].startswith("/api/"):
+                await self.app(scope, receive, send_with_id)
+            elif self._declared_too_large(headers.get(b"content-length")):
+                await JSONResponse({"detail": self._too_large}, status_code=413)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
+                               (time.perf_counter() - started) * 1000)
+            REQUEST_ID.reset(token)
+
+    @property
+    def _too_large(self) -> str:
+        return f"the request body is larger than {self.max_body_bytes} bytes"
+
+    def _declared_too_large(self, content_length: bytes | None) -> bool:
+        return content_length is not None and content_length.isdigit() and int(content_length) > self.max_body_bytes
+
+    def _limited(self, receive: Receive) -> Receive:
+        """A chunked body without Content-Length is counted as it arrives (FastAPI turns this into a 413)."""
+        received = 0
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise HTTPException(413, self._too_large)
+            return message
+
+        return receive_limited
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line, with the request id, so logs can be searched by request."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                 "request_id": REQUEST_ID.get(), "message": record.getMessage()}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+access_logger = logging.getLogger("agent_app.access")
+
+
+def configure_logging(level: str) -> None:
+    """Give the service's logger a JSON handler of its own; uvicorn configures only its own loggers."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonLogFormatter())
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+
+
+def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
+    """Build the service; tests pass their own settings and an httpx transport (e.g. respx's)."""
+    settings = settings or load_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        timeout = httpx.Timeout(settings.vllm_timeout_s, connect=settings.vllm_connect_timeout_s)
+        limits = httpx.Limits(max_connections=settings.vllm_max_concurrency + 16, max_keepalive_connections=100)
+        async with (
+            ConversationStore.open(settings.database_url, lease_s=settings.turn_timeout_s + 60) as store,
+            httpx.AsyncClient(transport=transport or AiohttpTransport(limits=limits), timeout=timeout,
+                              limits=limits) as http,
+        ):
+            app.state.agent = Agent(VLLMClient(http, settings), REGISTRY, store, settings)
+            if settings.api_key is None:
+                logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
+            yield
+
+    app = FastAPI(title="vLLM Agent Service", version="1.0.0", lifespan=lifespan,
+                  description="A tool-using agent on a self-hosted vLLM server: REST, SSE and a Gradio page.")
+    app.state.settings = settings
+    app.state.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                       allow_credentials="*" not in settings.allowed_origins,
+                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536)
+    app.add_exception_handler(AgentError, agent_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    app.include_router(router)
+    app.include_router(open_router)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("/ui")
+
+    mount_ui(app, settings)
+    return app
+
+
+app = create_app()

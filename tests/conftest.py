@@ -1,0 +1,76 @@
+"""Shared fixtures: settings without .env, the fake vLLM on loopback, and the real app served by uvicorn."""
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fake_vllm import FakeVLLM
+
+from agent_app import Settings, create_app
+
+SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path) -> SettingsFactory:
+    """Settings that ignore the developer's .env; a fresh SQLite file per test; fast retries."""
+
+    def build(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {"vllm_base_url": "http://vllm.test", "vllm_retry_backoff_s": 0.0,
+                                  "database_url": f"sqlite+aiosqlite:///{tmp_path / 'conversations.db'}"}
+        return Settings(_env_file=None, **(values | overrides))
+
+    return build
+
+
+@pytest.fixture
+async def fake_vllm() -> AsyncIterator[FakeVLLM]:
+    async with FakeVLLM() as fake:
+        yield fake
+
+
+class LiveServer:
+    """The real app served by uvicorn on a free loopback port, in the test's event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> "LiveServer":
+        self._task = asyncio.create_task(self._server.serve())
+        for _ in range(500):
+            if self._server.started:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise RuntimeError("uvicorn did not start")
+        port = self._server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+
+
+@pytest.fixture
+def live_server(make_settings: SettingsFactory) -> Callable[..., LiveServer]:
+    """Build a LiveServer for given settings: `async with live_server(vllm_base_url=fake.url) as server:`."""
+
+    def build(**overrides: Any) -> LiveServer:
+        return LiveServer(make_settings(**overrides))
+
+    return build
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client

@@ -1,0 +1,198 @@
+"""ConversationStore against SQLite and a real PostgreSQL: turns, leases, pagination, deletion."""
+
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from agent_app import (
+    ConversationBusy,
+    ConversationNotFound,
+    ConversationStore,
+    InvalidCursor,
+    OpenTurn,
+)
+
+StoreFactory = Callable[..., AbstractAsyncContextManager[ConversationStore]]
+
+CALL = {"id": "chatcmpl-tool-1", "type": "function",
+        "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}
+TURN = [
+    {"role": "user", "content": "What is 12*7?"},
+    {"role": "assistant", "content": "", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "chatcmpl-tool-1", "content": "84"},
+    {"role": "assistant", "content": "It is 84."},
+]
+USAGES = [None, {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}, None,
+          {"prompt_tokens": 20, "completion_tokens": 4, "total_tokens": 24}]
+
+
+async def postgres_url() -> str:
+    """TEST_POSTGRES_URL (set by .ci/run), emptied; without it CI fails and a local run skips, saying why."""
+    url = os.environ.get("TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("TEST_POSTGRES_URL is not set: .ci/run must start PostgreSQL for these tests")
+        pytest.skip("no PostgreSQL server: set TEST_POSTGRES_URL (bash .ci/run starts one on loopback)")
+    engine = create_async_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(text("DROP TABLE IF EXISTS messages, conversations"))
+    await engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    return await postgres_url()
+
+
+@pytest.fixture
+def open_store(database_url: str) -> StoreFactory:
+    """Open a store on the test database; two opens are two service instances sharing it."""
+
+    def opener(lease_s: float = 60.0) -> AbstractAsyncContextManager[ConversationStore]:
+        return ConversationStore.open(database_url, lease_s=lease_s)
+
+    return opener
+
+
+@pytest.fixture
+async def store(open_store: StoreFactory) -> AsyncIterator[ConversationStore]:
+    async with open_store() as opened:
+        yield opened
+
+
+async def new_conversation(store: ConversationStore, messages: list[dict[str, Any]] = TURN) -> str:
+    turn = await store.open_turn(None)
+    await store.commit_turn(turn, messages, [None] * len(messages))
+    await store.close_turn(turn)
+    return turn.conversation_id
+
+
+async def test_a_committed_turn_reads_back_in_vllm_shape(store: ConversationStore) -> None:
+    turn = await store.open_turn(None)
+    assert (turn.history, turn.is_new) == ([], True)
+    await store.commit_turn(turn, TURN, USAGES)
+    assert await store.load_messages(turn.conversation_id) == TURN
+
+
+async def test_the_next_turn_appends_after_the_history(store: ConversationStore) -> None:
+    conversation_id = await new_conversation(store)
+    turn = await store.open_turn(conversation_id)
+    assert turn.history == TURN
+    more = [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "You're welcome."}]
+    await store.commit_turn(turn, more, [None, None])
+    detail = await store.get_conversation(conversation_id)
+    assert [message.position for message in detail.messages] == list(range(6))
+    assert (detail.message_count, detail.title) == (6, "What is 12*7?")
+    assert await store.load_messages(conversation_id) == TURN + more
+
+
+async def test_detail_carries_usage_and_tool_call_ids(store: ConversationStore) -> None:
+    turn = await store.open_turn(None)
+    await store.commit_turn(turn, TURN, USAGES)
+    detail = await store.get_conversation(turn.conversation_id)
+    assert [message.usage for message in detail.messages] == USAGES
+    assert detail.messages[2].tool_call_id == "chatcmpl-tool-1"
+    assert detail.messages[1].tool_calls == [CALL]
+
+
+async def test_conversation_ids_are_random_uuid4_hex(store: ConversationStore) -> None:
+    ids = {(await store.open_turn(None)).conversation_id for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(conversation_id) == 32 and int(conversation_id, 16) >= 0 for conversation_id in ids)
+
+
+async def test_unknown_ids_are_not_found_everywhere(store: ConversationStore) -> None:
+    for action in (store.open_turn, store.load_messages, store.get_conversation, store.delete_conversation):
+        with pytest.raises(ConversationNotFound) as caught:
+            await action("missing")
+        assert str(caught.value) == "conversation 'missing' not found"
+
+
+async def test_a_second_instance_gets_409_while_a_turn_runs(open_store: StoreFactory) -> None:
+    async with open_store() as first, open_store() as second:
+        conversation_id = await new_conversation(first)
+        running = await first.open_turn(conversation_id)
+        with pytest.raises(ConversationBusy) as caught:
+            await second.open_turn(conversation_id)
+        assert str(caught.value) == (f"conversation {conversation_id!r} is busy with another turn; "
+                                     "retry when that turn has finished")
+        await first.close_turn(running)
+        reopened = await second.open_turn(conversation_id)
+        assert reopened.history == TURN
+
+
+async def test_a_turn_that_is_not_committed_changes_nothing(store: ConversationStore) -> None:
+    conversation_id = await new_conversation(store)
+    before = await store.get_conversation(conversation_id)
+    turn = await store.open_turn(conversation_id)
+    await store.close_turn(turn)
+    assert await store.get_conversation(conversation_id) == before
+    new_turn = await store.open_turn(None)
+    await store.close_turn(new_turn)
+    with pytest.raises(ConversationNotFound):
+        await store.get_conversation(new_turn.conversation_id)
+
+
+async def test_commit_releases_the_lease(store: ConversationStore) -> None:
+    conversation_id = await new_conversation(store)
+    turn = await store.open_turn(conversation_id)
+    await store.commit_turn(turn, [{"role": "user", "content": "x"}], [None])
+    again: OpenTurn = await store.open_turn(conversation_id)
+    assert len(again.history) == 5
+
+
+async def test_an_expired_lease_is_taken_over_and_the_late_turn_writes_nothing(open_store: StoreFactory) -> None:
+    async with open_store(lease_s=0.0) as store:
+        conversation_id = await new_conversation(store)
+        slow = await store.open_turn(conversation_id)
+        fast = await store.open_turn(conversation_id)
+        await store.commit_turn(fast, [{"role": "user", "content": "fast"}], [None])
+        with pytest.raises(ConversationBusy):
+            await store.commit_turn(slow, [{"role": "user", "content": "slow"}], [None])
+        assert [m["content"] for m in await store.load_messages(conversation_id)][-1] == "fast"
+
+
+async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
+    ids = [await new_conversation(store, [{"role": "user", "content": f"question {n}"}]) for n in range(5)]
+    first = await store.list_conversations(2, None)
+    second = await store.list_conversations(2, first.next_cursor)
+    third = await store.list_conversations(2, second.next_cursor)
+    listed = [c.id for page in (first, second, third) for c in page.conversations]
+    assert listed == ids[::-1]
+    assert third.next_cursor is None
+    assert [c.title for c in first.conversations] == ["question 4", "question 3"]
+
+
+async def test_a_foreign_cursor_is_rejected(store: ConversationStore) -> None:
+    with pytest.raises(InvalidCursor):
+        await store.list_conversations(2, "not-a-cursor")
+
+
+async def test_delete_removes_the_conversation_and_its_messages(store: ConversationStore) -> None:
+    conversation_id = await new_conversation(store)
+    await store.delete_conversation(conversation_id)
+    with pytest.raises(ConversationNotFound):
+        await store.load_messages(conversation_id)
+    assert (await store.list_conversations(10, None)).conversations == []
+
+
+async def test_long_titles_are_shortened(store: ConversationStore) -> None:
+    conversation_id = await new_conversation(store, [{"role": "user", "content": "word " * 40}])
+    title = (await store.get_conversation(conversation_id)).title
+    assert len(title) == 80 and title.endswith("…")
+
+
+async def test_conversations_survive_a_restart(open_store: StoreFactory) -> None:
+    async with open_store() as store:
+        conversation_id = await new_conversation(store)
+    async with open_store() as reopened:
+        assert await reopened.load_messages(conversation_id) == TURN
