@@ -397,6 +397,7 @@ class Health(BaseModel):
 
 CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
 DEFAULT_MAX_MODEL_LEN = 32_768
+STREAM_CUT = "vLLM's stream ended before [DONE]"
 AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
 
 
@@ -570,7 +571,7 @@ class VLLMClient:
         request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         assembler = StreamAssembler()
         async with self._open(request) as response:
-            with translate_transport_errors(self.base_url):
+            try:
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -579,8 +580,12 @@ class VLLMClient:
                         yield text
                     if assembler.done:
                         break
+            except httpx.TimeoutException as exc:
+                raise LLMTimeout(f"vLLM at {self.base_url} stopped sending in the middle of a reply") from exc
+            except httpx.TransportError as exc:
+                raise LLMError(STREAM_CUT) from exc
         if not assembler.done:
-            raise LLMError("vLLM's stream ended before [DONE]")
+            raise LLMError(STREAM_CUT)
         yield assembler.completion()
 
     async def max_model_len(self) -> int:
@@ -1408,30 +1413,38 @@ async def require_api_key(
         raise Unauthorized("missing or wrong API key: send the header Authorization: Bearer <API_KEY>")
 
 
-async def open_chat_turn(body: ChatRequest, agent: AgentDep) -> OpenTurn:
-    """Check the request and reserve the conversation before a response starts."""
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """A checked chat request with its conversation reserved."""
+
+    content: str
+    turn: OpenTurn
+
+
+async def open_chat_turn(body: ChatRequest, agent: AgentDep) -> ChatTurn:
+    """Check the request and reserve the conversation before a response starts (so 404/409 are real)."""
     limit = agent.settings.max_content_chars
     if len(body.content) > limit:
         raise ContentTooLarge(f"content is {len(body.content)} characters; the limit is {limit}")
-    return await agent.open_turn(body.conversation_id)
+    return ChatTurn(body.content, await agent.open_turn(body.conversation_id))
 
 
-TurnDep = Annotated[OpenTurn, Depends(open_chat_turn)]
+ChatTurnDep = Annotated[ChatTurn, Depends(open_chat_turn)]
 ConversationId = Annotated[str, FastAPIPath(pattern=CONVERSATION_ID_PATTERN)]
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
 open_router = APIRouter(prefix="/api/v1")
 
 
 @router.post("/chat", summary="Run one agent turn and return the answer")
-async def chat(body: ChatRequest, agent: AgentDep, turn: TurnDep) -> ChatResponse:
-    events = [event async for event in agent.run_turn(turn, body.content)]
+async def chat(request: ChatTurnDep, agent: AgentDep) -> ChatResponse:
+    events = [event async for event in agent.run_turn(request.turn, request.content)]
     return events[-1]
 
 
 @router.post("/chat/stream", response_class=EventSourceResponse,
              summary="Run one agent turn, streaming events as Server-Sent Events")
-async def chat_stream(body: ChatRequest, agent: AgentDep, turn: TurnDep) -> AsyncIterator[ServerSentEvent]:
-    async for event in with_error_event(agent.run_turn(turn, body.content, stream=True)):
+async def chat_stream(request: ChatTurnDep, agent: AgentDep) -> AsyncIterator[ServerSentEvent]:
+    async for event in with_error_event(agent.run_turn(request.turn, request.content, stream=True)):
         yield ServerSentEvent(event=event.type, raw_data=event.model_dump_json())
 
 
