@@ -19,7 +19,7 @@ from sqlalchemy import insert, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent_app import CONVERSATIONS, MESSAGES, ConversationStore  # noqa: E402
+from agent_app import CONVERSATIONS, MESSAGES, ConversationStore
 
 CALL = {"id": "chatcmpl-tool-1", "type": "function",
         "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}

@@ -273,7 +273,8 @@ async def test_tools_health_docs_and_ui_routes(fake_vllm: FakeVLLM, live_server:
     assert ui.status_code == 200 and "<html" in ui.text.lower()
     assert {"/api/v1/chat", "/api/v1/chat/stream", "/api/v1/tools", "/api/v1/health"} <= set(openapi["paths"])
     chat = openapi["paths"]["/api/v1/chat"]["post"]
-    assert chat["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatResponse"}
+    response_schema = chat["responses"]["200"]["content"]["application/json"]["schema"]
+    assert response_schema == {"$ref": "#/components/schemas/ChatResponse"}
 
 
 async def test_unreachable_vllm_is_502_naming_the_url(live_server: Any, http: httpx.AsyncClient) -> None:

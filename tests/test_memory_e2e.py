@@ -1,7 +1,6 @@
 """Memory through the real app: restarts, atomic turns, concurrency, the conversations API, trimming."""
 
 import asyncio
-import json
 from typing import Any
 
 import httpx
@@ -163,13 +162,15 @@ def check_tool_pairs(messages: list[dict[str, Any]]) -> None:
 
 async def test_long_conversations_are_trimmed_to_the_window_by_whole_turns(live_server: Any,
                                                                           http: httpx.AsyncClient) -> None:
-    async with FakeVLLM(max_model_len=2000) as fake:
-        async with live_server(vllm_base_url=fake.url, context_reserve_tokens=200) as server:
-            conversation_id = (await chat(http, server.url, "what is 12*7?")).json()["conversation_id"]
-            for n in range(12):
-                response = await chat(http, server.url, long_turn(n), conversation_id)
-                assert response.status_code == 200
-            stored_count = len(await stored(http, server.url, conversation_id))
+    async with (
+        FakeVLLM(max_model_len=2000) as fake,
+        live_server(vllm_base_url=fake.url, context_reserve_tokens=200) as server,
+    ):
+        conversation_id = (await chat(http, server.url, "what is 12*7?")).json()["conversation_id"]
+        for n in range(12):
+            response = await chat(http, server.url, long_turn(n), conversation_id)
+            assert response.status_code == 200
+        stored_count = len(await stored(http, server.url, conversation_id))
         sent = fake.requests[-1]
         assert stored_count == 4 + 2 * 12
         messages = sent.body["messages"]
@@ -178,17 +179,19 @@ async def test_long_conversations_are_trimmed_to_the_window_by_whole_turns(live_
         assert len(messages) < stored_count
         assert all(turn[0]["role"] == "user" for turn in split_turns(messages[1:]))
         check_tool_pairs(messages)
-        tokenized = await httpx.AsyncClient().post(f"{fake.url}/tokenize", json={
+        tokenized = await http.post(f"{fake.url}/tokenize", json={
             "messages": messages, "tools": sent.body.get("tools")})
         assert tokenized.json()["count"] <= 2000 - 200
 
 
 async def test_vllm_saying_too_long_makes_the_agent_trim_harder_once(live_server: Any,
                                                                     http: httpx.AsyncClient) -> None:
-    async with FakeVLLM(max_model_len=1500) as fake:
-        async with live_server(vllm_base_url=fake.url, max_model_len=1900, context_reserve_tokens=100) as server:
-            conversation_id = (await chat(http, server.url, "hello")).json()["conversation_id"]
-            statuses = [(await chat(http, server.url, long_turn(n), conversation_id)).status_code for n in range(8)]
+    async with (
+        FakeVLLM(max_model_len=1500) as fake,
+        live_server(vllm_base_url=fake.url, max_model_len=1900, context_reserve_tokens=100) as server,
+    ):
+        conversation_id = (await chat(http, server.url, "hello")).json()["conversation_id"]
+        statuses = [(await chat(http, server.url, long_turn(n), conversation_id)).status_code for n in range(8)]
     assert statuses == [200] * 8
     retried = [(a.body["messages"], b.body["messages"]) for a, b in zip(fake.requests, fake.requests[1:], strict=False)
                if a.body["messages"][-1] == b.body["messages"][-1]]
@@ -197,10 +200,12 @@ async def test_vllm_saying_too_long_makes_the_agent_trim_harder_once(live_server
 
 
 async def test_a_message_too_long_for_the_model_is_413(live_server: Any, http: httpx.AsyncClient) -> None:
-    async with FakeVLLM(max_model_len=500) as fake:
-        async with live_server(vllm_base_url=fake.url, context_reserve_tokens=100) as server:
-            response = await chat(http, server.url, "lorem ipsum " * 400)
-            listing = (await http.get(f"{server.url}/api/v1/conversations")).json()
+    async with (
+        FakeVLLM(max_model_len=500) as fake,
+        live_server(vllm_base_url=fake.url, context_reserve_tokens=100) as server,
+    ):
+        response = await chat(http, server.url, "lorem ipsum " * 400)
+        listing = (await http.get(f"{server.url}/api/v1/conversations")).json()
     assert response.status_code == 413
     assert response.json()["detail"].startswith("the message is too long for the model")
     assert listing["conversations"] == []

@@ -1,5 +1,7 @@
 """Table tests for the Hermes text parser, argument decoding and the streaming text filter."""
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,7 +153,7 @@ TEXTS = st.lists(st.sampled_from([*"ab <>/_{}\"\n", "<tool_call>", "</tool_call>
 def test_streamed_text_never_shows_markup_and_matches_the_parse(text: str, cuts: list[int]) -> None:
     """However the text is split into tokens, the visible text is the parser's content (no markup)."""
     bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
-    pieces = [text[start:end] for start, end in zip(bounds, bounds[1:], strict=False)]
+    pieces = [text[start:end] for start, end in pairwise(bounds)]
     visible = stream_through_filter(pieces)
     assert "<tool_call>" not in visible
     content = parse_hermes_reply(text).content
