@@ -255,6 +255,14 @@ class ChatRequest(BaseModel):
             raise ValueError("must not be empty or only whitespace")
         return value
 
+    @field_validator("content")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        """PostgreSQL text cannot hold NUL: refuse it here rather than fail the turn when it is stored."""
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters (\\u0000)")
+        return value
+
 
 class ToolCallRecord(BaseModel):
     """A tool call the model made in this turn, with what the tool returned."""
@@ -399,6 +407,7 @@ CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.
 DEFAULT_MAX_MODEL_LEN = 32_768
 STREAM_CUT = "vLLM's stream ended before [DONE]"
 AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
+REQUEST_ECHO = re.compile(r"""['"]input['"]\s*:""")  # where vLLM's validation errors start repeating the body
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,19 +429,34 @@ class Completion:
     usage: tuple[int, int, int] | None
 
 
+def loads_json(text: str | bytes) -> Any:
+    """json.loads whose only failure is ValueError: JSON nested too deep for Python's parser is invalid too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def upstream_error_message(body: bytes) -> str:
-    """Read vLLM's error text from either body shape, the 401 string form, or a bare body."""
+    """vLLM's error text from either body shape, the 401 string form, or a bare body, at most 500 characters.
+
+    vLLM's validation errors repeat the request body, prompt included: the text is cut where that starts.
+    """
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        payload = json.loads(text)
+        payload = loads_json(text)
     except ValueError:
-        return text[:500] or "empty response body"
-    if not isinstance(payload, dict):
-        return text[:500]
-    error = payload.get("error")
-    if isinstance(error, dict):
-        return str(error.get("message") or error)[:500]
-    return str(error or payload.get("message") or payload.get("detail") or text)[:500]
+        payload = None
+    message = text
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or error)
+        else:
+            message = str(error or payload.get("message") or payload.get("detail") or text)
+    if echo := REQUEST_ECHO.search(message):
+        message = message[: echo.start()].rstrip(" ,") + " …"
+    return message[:500] or "empty response body"
 
 
 def read_usage(payload: Any) -> tuple[int, int, int] | None:
@@ -446,7 +470,7 @@ def read_usage(payload: Any) -> tuple[int, int, int] | None:
 def read_completion(body: bytes) -> Completion:
     """Turn a non-streaming response body into a Completion, whatever extra keys the version adds."""
     try:
-        payload = json.loads(body)
+        payload = loads_json(body)
         choice = payload["choices"][0]
         message = choice["message"]
         calls = [
@@ -479,7 +503,7 @@ class StreamAssembler:
             self.done = True
             return ""
         try:
-            chunk = json.loads(data)
+            chunk = loads_json(data)
         except ValueError as exc:
             raise LLMError("vLLM sent an unreadable stream chunk") from exc
         if not isinstance(chunk, dict):
@@ -677,6 +701,7 @@ def new_call_id() -> str:
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
 TOOL_NAME_IN_TEXT = re.compile(r'"name"\s*:\s*"([^"\\]{1,100})"')
+MAX_ARGUMENTS_DEPTH = 64  # deeper arguments could not even be echoed back in an event (pydantic stops near 250)
 HERMES_TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
@@ -729,15 +754,24 @@ def close_json(text: str) -> str:
 def loads_lenient(text: str) -> Any:
     """json.loads, and when that fails, once more with missing closers appended."""
     try:
-        return json.loads(text)
+        return loads_json(text)
     except ValueError as exc:
         repaired = close_json(text)
         if repaired == text:
             raise
         try:
-            return json.loads(repaired)
+            return loads_json(repaired)
         except ValueError:
             raise exc from None
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of objects and lists a JSON value has (a scalar has 0), counted without recursion."""
+    depth, level = 0, [value]
+    while containers := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [child for item in containers for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
 
 
 def decode_arguments(raw: Any) -> dict[str, Any]:
@@ -752,6 +786,8 @@ def decode_arguments(raw: Any) -> dict[str, Any]:
             raw = loads_lenient(raw) if raw.strip() else {}
     if not isinstance(raw, dict):
         raise ValueError(f"arguments must be a JSON object, not {type(raw).__name__}")
+    if nesting_depth(raw) > MAX_ARGUMENTS_DEPTH:
+        raise ValueError(f"arguments nest more than {MAX_ARGUMENTS_DEPTH} levels deep")
     return raw
 
 
@@ -762,7 +798,7 @@ def parse_call_block(body: str) -> list[ParsedCall]:
     while text:
         try:
             payload, end = decoder.raw_decode(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             payload, end = None, len(text)
             try:
                 payload = loads_lenient(text)
@@ -1387,10 +1423,11 @@ class Agent:
 # --- 8. App ---
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (401, 404, 409, 413, 422, 500, 502, 503, 504)
+    status: {"model": ErrorBody} for status in (401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
 }
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.-]+\+)?json")
 bearer_scheme = HTTPBearer(auto_error=False, description="The service's API_KEY, when it is set.")
 
 
@@ -1500,22 +1537,28 @@ async def agent_error_handler(request: Request, exc: AgentError) -> JSONResponse
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with one readable line per problem; the offending input is never echoed back."""
-    problems = "; ".join(
-        f"{'.'.join(str(part) for part in error['loc'] if part != 'body') or 'body'}: {error['msg']}"
-        for error in exc.errors()
-    )
+    """422 with one readable line per problem (415 for a body not sent as JSON); the input is never echoed."""
+    errors = exc.errors()
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if any(error["loc"][:1] == ("body",) for error in errors) and not JSON_MEDIA_TYPE.fullmatch(media_type):
+        wrong = f", not {media_type}" if media_type else ""
+        return JSONResponse({"detail": f"the body must be JSON, sent with Content-Type: application/json{wrong}"},
+                            status_code=415)
+    problems = "; ".join(validation_problem(error) for error in errors)
     return JSONResponse({"detail": problems or "invalid request"}, status_code=422)
 
 
-async def unexpected_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    return JSONResponse({"detail": "internal error"}, status_code=500)
+def validation_problem(error: Any) -> str:
+    """One problem as `field: message`; FastAPI reports malformed JSON at a character position."""
+    if error["type"] == "json_invalid":
+        return f"body: invalid JSON at character {error['loc'][-1]}: {error['ctx']['error']}"
+    return f"{'.'.join(str(part) for part in error['loc'] if part != 'body') or 'body'}: {error['msg']}"
 
 
 class RequestContextMiddleware:
-    """Per request: an id (X-Request-ID in and out, and in every log line), an access log line, and a cap
-    on API body size so a huge upload is refused with 413 before it is read into memory."""
+    """Per request: an id (X-Request-ID in and out, and in every log line), an access log line, a cap on API
+    body size so a huge upload is refused with 413 before it is read into memory, and the 500 for any
+    unexpected error (here, not in an exception handler, so that answer and its log line carry the id too)."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app = app
@@ -1529,7 +1572,7 @@ class RequestContextMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
         token = REQUEST_ID.set(request_id)
-        started, status = time.perf_counter(), 500
+        started, status = time.perf_counter(), None
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -1545,8 +1588,13 @@ class RequestContextMiddleware:
                 await JSONResponse({"detail": self._too_large}, status_code=413)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            if status is not None:
+                raise
+            await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send_with_id)
         finally:
-            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status,
+            access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status or 500,
                                (time.perf_counter() - started) * 1000)
             REQUEST_ID.reset(token)
 
@@ -1625,7 +1673,6 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
     app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536)
     app.add_exception_handler(AgentError, agent_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_exception_handler(Exception, unexpected_error_handler)
     app.include_router(router)
     app.include_router(open_router)
 
