@@ -368,19 +368,8 @@ def _call_function(node: ast.Call, depth: int) -> _Number:
 
 # --- 5. Built-ins ---
 
-REGISTRY = ToolRegistry()
-tool = REGISTRY.register
-
-
-@tool
-def calculator(expression: str) -> str:
-    """Evaluate an arithmetic expression and return the result; use it for any calculation.
-    Supports numbers, + - * / // % **, parentheses, the functions sqrt, sin, cos, tan (radians), log,
-    log10, exp, abs, round, floor, ceil, min, max, and the constants pi and e.
-
-    Args:
-        expression: One arithmetic expression in Python syntax, e.g. "(12 * 7) / sqrt(2) + 2**10".
-    """
+def evaluate_expression(expression: str) -> str:
+    """Evaluate arithmetic by walking a whitelisted AST; every refusal is a CalculatorError (a ValueError)."""
     if len(expression) > _MAX_EXPRESSION_CHARS:
         raise CalculatorError(f"expression longer than {_MAX_EXPRESSION_CHARS} characters")
     try:
@@ -395,6 +384,24 @@ def calculator(expression: str) -> str:
     if isinstance(value, int) and len(str(abs(value))) > _MAX_RESULT_DIGITS:
         raise CalculatorError(f"result has more than {_MAX_RESULT_DIGITS} digits")
     return repr(value)
+
+
+REGISTRY = ToolRegistry()
+tool = REGISTRY.register
+
+
+@tool
+async def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression and return the result; use it for any calculation.
+    Supports numbers, + - * / // % **, parentheses, the functions sqrt, sin, cos, tan (radians), log,
+    log10, exp, abs, round, floor, ceil, min, max, and the constants pi and e.
+
+    Args:
+        expression: One arithmetic expression in Python syntax, e.g. "(12 * 7) / sqrt(2) + 2**10".
+    """
+    # Async on purpose: the size limits bound the work to well under a millisecond of CPU, far less
+    # than the thread hop a sync tool costs.
+    return evaluate_expression(expression)
 
 
 @tool

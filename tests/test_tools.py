@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import pytest
 
-from tools import REGISTRY, ToolDefinitionError, ToolRegistry, calculator, get_current_time
+from tools import REGISTRY, ToolDefinitionError, ToolRegistry, evaluate_expression, get_current_time
 
 FUNCTION_NAMES = "sqrt, sin, cos, tan, log, log10, exp, abs, round, floor, ceil, min, max"
 
@@ -467,7 +467,7 @@ async def test_built_in_tools_run_through_the_registry() -> None:
     ],
 )
 def test_calculator_evaluates_arithmetic(expression: str, expected: str) -> None:
-    assert calculator(expression) == expected
+    assert evaluate_expression(expression) == expected
 
 
 @pytest.mark.parametrize(
@@ -527,7 +527,7 @@ def test_calculator_evaluates_arithmetic(expression: str, expected: str) -> None
 )
 def test_calculator_refuses_with_a_value_error(expression: str, message: str) -> None:
     with pytest.raises(ValueError) as excinfo:
-        calculator(expression)
+        evaluate_expression(expression)
     assert str(excinfo.value) == message
 
 
