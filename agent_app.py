@@ -50,6 +50,7 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    bindparam,
     delete,
     insert,
     or_,
@@ -596,10 +597,12 @@ class VLLMClient:
         assembler = StreamAssembler()
         async with self._open(request) as response:
             try:
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    text = assembler.feed(line[5:].strip())
+                pending = b""
+                async for chunk in response.aiter_bytes():
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    # One piece per network read, not per event: under load a read holds many tokens.
+                    text = "".join(assembler.feed(line[5:].strip().decode()) for line in lines
+                                   if line.startswith(b"data:") and not assembler.done)
                     if text:
                         yield text
                     if assembler.done:
@@ -894,6 +897,22 @@ MESSAGES = Table(
     Column("created_at", Float, nullable=False),
 )
 TITLE_CHARS = 80
+# SQLite has one writer at a time: one pooled connection queues turns in the service instead of in SQLite's
+# busy handler (whose sleeps showed up as 100 ms steps and "database is locked").
+SQLITE_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 0}
+# Statements built once, so SQLAlchemy compiles and caches each a single time; values come as parameters.
+ADD_CONVERSATION = insert(CONVERSATIONS)
+ADD_MESSAGES = insert(MESSAGES)
+TAKE_LEASE = (
+    update(CONVERSATIONS)
+    .where(CONVERSATIONS.c.id == bindparam("b_id"),
+           or_(CONVERSATIONS.c.lease_expires_at.is_(None), CONVERSATIONS.c.lease_expires_at < bindparam("b_now")))
+    .values(lease_token=bindparam("b_lease"), lease_expires_at=bindparam("b_expires"))
+)
+OWN_LEASE = and_(CONVERSATIONS.c.id == bindparam("b_id"), CONVERSATIONS.c.lease_token == bindparam("b_lease"))
+END_TURN = update(CONVERSATIONS).where(OWN_LEASE).values(
+    updated_at=bindparam("b_now"), message_count=bindparam("b_count"), lease_token=None, lease_expires_at=None)
+RELEASE_LEASE = update(CONVERSATIONS).where(OWN_LEASE).values(lease_token=None, lease_expires_at=None)
 
 
 @dataclass
@@ -955,8 +974,9 @@ class ConversationStore:
     @asynccontextmanager
     async def open(cls, url: str, *, lease_s: float) -> AsyncIterator["ConversationStore"]:
         """Connect, create the tables if missing, and dispose of the engine on exit."""
-        engine = create_async_engine(url)
-        if engine.dialect.name == "sqlite":
+        sqlite = url.startswith("sqlite")
+        engine = create_async_engine(url, **(SQLITE_POOL if sqlite else {}))
+        if sqlite:
             sqlalchemy_event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
         try:
             async with engine.begin() as conn:
@@ -971,12 +991,8 @@ class ConversationStore:
             return OpenTurn(uuid.uuid4().hex, [], None)
         lease, now = uuid.uuid4().hex, time.time()
         async with self._engine.begin() as conn:
-            taken = await conn.execute(
-                update(CONVERSATIONS)
-                .where(CONVERSATIONS.c.id == conversation_id,
-                       or_(CONVERSATIONS.c.lease_expires_at.is_(None), CONVERSATIONS.c.lease_expires_at < now))
-                .values(lease_token=lease, lease_expires_at=now + self._lease_s)
-            )
+            taken = await conn.execute(TAKE_LEASE, {"b_id": conversation_id, "b_now": now, "b_lease": lease,
+                                                    "b_expires": now + self._lease_s})
             if taken.rowcount != 1:
                 await self._raise_missing_or_busy(conn, conversation_id)
             history = await self._messages(conn, conversation_id)
@@ -988,20 +1004,16 @@ class ConversationStore:
         now, first = time.time(), len(turn.history)
         async with self._engine.begin() as conn:
             if turn.is_new:
-                await conn.execute(insert(CONVERSATIONS).values(
-                    id=turn.conversation_id, title=conversation_title(messages), created_at=now, updated_at=now,
-                    message_count=len(messages)))
+                await conn.execute(ADD_CONVERSATION, {
+                    "id": turn.conversation_id, "title": conversation_title(messages), "created_at": now,
+                    "updated_at": now, "message_count": len(messages)})
             else:
-                kept = await conn.execute(
-                    update(CONVERSATIONS)
-                    .where(CONVERSATIONS.c.id == turn.conversation_id, CONVERSATIONS.c.lease_token == turn.lease)
-                    .values(updated_at=now, message_count=first + len(messages), lease_token=None,
-                            lease_expires_at=None)
-                )
+                kept = await conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease,
+                                                     "b_now": now, "b_count": first + len(messages)})
                 if kept.rowcount != 1:
                     raise ConversationBusy(f"conversation {turn.conversation_id!r} was deleted or taken over "
                                            "while this turn ran; the turn was not stored")
-            await conn.execute(insert(MESSAGES), [
+            await conn.execute(ADD_MESSAGES, [
                 {"conversation_id": turn.conversation_id, "position": first + offset, "role": message["role"],
                  "content": message.get("content"), "tool_calls": message.get("tool_calls"),
                  "tool_call_id": message.get("tool_call_id"), "usage": usage, "created_at": now}
@@ -1014,11 +1026,7 @@ class ConversationStore:
         if turn.committed or turn.is_new:
             return
         async with self._engine.begin() as conn:
-            await conn.execute(
-                update(CONVERSATIONS)
-                .where(CONVERSATIONS.c.id == turn.conversation_id, CONVERSATIONS.c.lease_token == turn.lease)
-                .values(lease_token=None, lease_expires_at=None)
-            )
+            await conn.execute(RELEASE_LEASE, {"b_id": turn.conversation_id, "b_lease": turn.lease})
 
     async def load_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages of a conversation, oldest first, in vLLM's message shape."""
@@ -1431,7 +1439,8 @@ JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.-]+\+)?json")
 bearer_scheme = HTTPBearer(auto_error=False, description="The service's API_KEY, when it is set.")
 
 
-def get_agent(request: Request) -> Agent:
+async def get_agent(request: Request) -> Agent:
+    """Async on purpose: FastAPI runs a plain `def` dependency in a worker thread."""
     return request.app.state.agent
 
 
@@ -1482,7 +1491,7 @@ async def chat(request: ChatTurnDep, agent: AgentDep) -> ChatResponse:
              summary="Run one agent turn, streaming events as Server-Sent Events")
 async def chat_stream(request: ChatTurnDep, agent: AgentDep) -> AsyncIterator[ServerSentEvent]:
     async for event in with_error_event(agent.run_turn(request.turn, request.content, stream=True)):
-        yield ServerSentEvent(event=event.type, raw_data=event.model_dump_json())
+        yield ServerSentEvent.model_construct(event=event.type, raw_data=event.model_dump_json())
 
 
 async def with_error_event(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:

@@ -18,7 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from tools import calculator
+from tools import evaluate_expression
 
 from harness import CALCULATOR_TOOL, MODEL
 
@@ -53,7 +53,7 @@ def run_tool(call: dict[str, Any]) -> dict[str, Any]:
         record["arguments"] = json.loads(function["arguments"] or "{}")
         if function["name"] != "calculator":
             raise ValueError(f"unknown tool {function['name']!r}")
-        record["result"] = calculator(**record["arguments"])
+        record["result"] = evaluate_expression(**record["arguments"])
     except (ValueError, TypeError) as exc:
         record["error"] = str(exc)
     return record

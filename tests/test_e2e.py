@@ -74,6 +74,7 @@ async def test_sse_streams_tool_events_tokens_and_done(
     tool_call_format: str, fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
 ) -> None:
     fake_vllm.tool_parser = tool_call_format == "native"
+    fake_vllm.token_delay_s = 0.002  # tokens arrive in separate network reads, as from a GPU
     async with live_server(vllm_base_url=fake_vllm.url, tool_call_format=tool_call_format) as server:
         events = await stream_chat(http, server.url, {"content": QUESTION})
     names = [name for name, _ in events]

@@ -72,6 +72,7 @@ def chat_ui(make_settings: Any) -> UIFactory:
 
 @pytest.fixture
 async def ui(chat_ui: UIFactory, fake_vllm: FakeVLLM) -> AsyncIterator[ChatUI]:
+    fake_vllm.token_delay_s = 0.02  # tokens arrive in separate network reads, as from a GPU
     async with chat_ui(vllm_base_url=fake_vllm.url) as handlers:
         yield handlers
 

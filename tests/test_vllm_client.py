@@ -204,13 +204,21 @@ async def test_stream_assembles_parallel_calls_by_index(router: respx.MockRouter
     assert (sent["stream"], sent["stream_options"]) == (True, {"include_usage": True})
 
 
-async def test_stream_yields_text_pieces_then_the_completion(router: respx.MockRouter,
+async def test_stream_yields_one_text_piece_per_network_read(router: respx.MockRouter,
                                                              make_client: Callable[..., VLLMClient]) -> None:
-    router.post(CHAT_URL).respond(200, content=sse(
-        delta({"role": "assistant", "content": ""}), delta({"content": "Hel"}), "{\"choices\":[{\"index\":0,"
-        "\"delta\":{\"content\":\"lo\"},\"new_key\":1}]}", delta({}, finish_reason="stop"), USAGE_CHUNK,
-    ).replace(b"data: {\"choices", b"data:{\"choices"))
-    assert await collect(make_client()) == ["Hel", "lo", Completion("Hello", [], "stop", (5, 4, 9))]
+    body = sse(
+        delta({"role": "assistant", "content": ""}), delta({"content": "Hel"}), delta({"content": "lo"}),
+        "{\"choices\":[{\"index\":0,\"delta\":{\"content\":\" wörld\"},\"new_key\":1}]}",
+        delta({}, finish_reason="stop"), USAGE_CHUNK,
+    ).replace(b"data: {\"choices", b"data:{\"choices")
+    split = body.index(b"w\xc3\xb6rld") + 2  # the second read starts inside a line and inside the 'ö'
+
+    async def two_reads() -> AsyncIterator[bytes]:
+        yield body[:split]
+        yield body[split:]
+
+    router.post(CHAT_URL).mock(side_effect=lambda request: httpx.Response(200, content=two_reads()))
+    assert await collect(make_client()) == ["Hello", " wörld", Completion("Hello wörld", [], "stop", (5, 4, 9))]
 
 
 @pytest.mark.parametrize(
