@@ -746,8 +746,10 @@ class FakeVLLM:
 
     def __init__(self, *, model: str = "Qwen/Qwen2.5-7B-Instruct", tool_parser: bool = True,
                  error_shape: Literal["new", "old"] = "new", api_key: str | None = None,
-                 max_model_len: int = 32768, token_delay_s: float = 0.0, answer_tokens: int = 0) -> None:
+                 max_model_len: int = 32768, token_delay_s: float = 0.0, answer_tokens: int = 0,
+                 keep_requests: bool = True) -> None:
         self.model = model
+        self.keep_requests = keep_requests  # the CLI (benchmarks) turns it off: a long run would grow without bound
         self.tool_parser = tool_parser
         self.error_shape = error_shape
         self.api_key = api_key
@@ -819,7 +821,8 @@ class FakeVLLM:
                 body = {}
             headers = {name.lower(): value for name, value in request.headers.items()}
             request[_RECORD] = RecordedRequest(request.path, headers, body if isinstance(body, dict) else {})
-            self.requests.append(request[_RECORD])
+            if self.keep_requests:
+                self.requests.append(request[_RECORD])
         if (self.api_key is not None and request.path.startswith("/v1") and request.method != "OPTIONS"
                 and request.headers.get("Authorization") != f"Bearer {self.api_key}"):
             return json_response({"error": "Unauthorized"}, 401)
@@ -1012,7 +1015,8 @@ class FakeVLLM:
 
 async def _serve(args: argparse.Namespace) -> None:
     fake = FakeVLLM(model=args.model, tool_parser=args.tool_parser, api_key=args.api_key,
-                    max_model_len=args.max_model_len, token_delay_s=args.token_delay, answer_tokens=args.answer_tokens)
+                    max_model_len=args.max_model_len, token_delay_s=args.token_delay, answer_tokens=args.answer_tokens,
+                    keep_requests=False)
     await fake.start(args.host, args.port)
     print(f"fake vLLM listening on {fake.url}", flush=True)
     try:
