@@ -1414,8 +1414,13 @@ class Agent:
     async def _run_tool(self, index: int, call: ToolCall) -> tuple[int, ToolResult]:
         if call.error is not None:
             return index, ToolResult(None, call.error, 0.0)
-        result = await self.registry.run(call.name, call.arguments, timeout_s=self.settings.tool_timeout_s,
-                                         max_result_chars=self.settings.tool_result_max_chars)
+        try:
+            result = await self.registry.run(call.name, call.arguments, timeout_s=self.settings.tool_timeout_s,
+                                             max_result_chars=self.settings.tool_result_max_chars)
+        except Exception as exc:  # the registry turns every tool failure into a result; this is a bug in it
+            logger.exception("tool %r failed inside the service", call.name)
+            raise ToolExecutionError(f"the tool {call.name!r} could not be run; the service log has the "
+                                     "details") from exc
         return index, result
 
     @staticmethod

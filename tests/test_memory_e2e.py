@@ -94,7 +94,8 @@ async def test_an_unexpected_error_is_500_and_stores_nothing(
         before = await stored(http, server.url, conversation_id)
         monkeypatch.setattr(tools.REGISTRY, "run", broken_run)
         failed = await chat(http, server.url, "what is 1+1?", conversation_id)
-        assert (failed.status_code, failed.json()) == (500, {"detail": "internal error"})
+        assert (failed.status_code, failed.json()) == (
+            500, {"detail": "the tool 'calculator' could not be run; the service log has the details"})
         assert await stored(http, server.url, conversation_id) == before
 
 

@@ -194,7 +194,7 @@ class BrokenRegistry(ToolRegistry):
         raise RuntimeError("disk on fire at /srv/agent/secret/path.py")
 
 
-async def test_an_internal_error_is_a_bare_500_with_its_request_id_and_the_trace_only_in_the_log(
+async def test_a_tool_that_cannot_be_run_is_a_bare_500_with_its_request_id_and_the_trace_only_in_the_log(
     fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient, service_log: io.StringIO
 ) -> None:
     registry = BrokenRegistry()
@@ -205,13 +205,13 @@ async def test_an_internal_error_is_a_bare_500_with_its_request_id_and_the_trace
         rest = await http.post(f"{server.url}/api/v1/chat", json={"content": "go"}, headers={"X-Request-ID": "r-1"})
         events = await stream_chat(http, server.url, {"content": "go"})
         listing = (await http.get(f"{server.url}/api/v1/conversations")).json()
-    assert (rest.status_code, rest.json(), rest.headers["x-request-id"]) == (500, {"detail": "internal error"}, "r-1")
-    assert events == [("tool_call", events[0][1]), ("error", {"type": "error", "status": 500,
-                                                              "detail": "internal error"})]
+    detail = "the tool 'calculator' could not be run; the service log has the details"
+    assert (rest.status_code, rest.json(), rest.headers["x-request-id"]) == (500, {"detail": detail}, "r-1")
+    assert events == [("tool_call", events[0][1]), ("error", {"type": "error", "status": 500, "detail": detail})]
     assert listing["conversations"] == []
     errors = [entry for entry in log_entries(service_log) if entry["level"] == "ERROR"]
     assert [(entry["request_id"] == "r-1", entry["message"]) for entry in errors] == [
-        (True, "unexpected error on POST /api/v1/chat"), (False, "unexpected error in a streamed turn")]
+        (True, "tool 'calculator' failed inside the service"), (False, "tool 'calculator' failed inside the service")]
     assert all("RuntimeError: disk on fire at /srv/agent/secret/path.py" in entry["error"] for entry in errors)
 
 
