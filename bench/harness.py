@@ -291,3 +291,12 @@ def percentile(values: list[float], fraction: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
+
+
+def run_cli(main: Callable[[], int]) -> None:
+    """Exit with main()'s code; Ctrl-C exits 130 (ServerGroup has already stopped the servers)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; the servers were stopped", file=sys.stderr)
+        sys.exit(130)

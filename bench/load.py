@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ from typing import Any
 
 import aiohttp
 
-from harness import ServerGroup, TurnResult, cpu_meter, peak_rss_mib, percentile, post_turn, rss_mib
+from harness import ServerGroup, TurnResult, cpu_meter, peak_rss_mib, percentile, post_turn, rss_mib, run_cli
 
 RUN_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 120.0
@@ -150,8 +149,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; the servers were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

@@ -38,6 +38,7 @@ from harness import (
     percentile,
     post_turn,
     rss_mib,
+    run_cli,
 )
 
 REQUEST_TIMEOUT_S = 60.0
@@ -358,8 +359,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; the servers were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main)

@@ -109,25 +109,6 @@ async def wait_until_free(http: httpx.AsyncClient, url: str, conversation_id: st
     raise AssertionError("the conversation stayed busy")
 
 
-async def test_a_client_that_disconnects_mid_stream_stores_nothing(
-    fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
-) -> None:
-    async with live_server(vllm_base_url=fake_vllm.url) as server:
-        conversation_id = (await chat(http, server.url, "first")).json()["conversation_id"]
-        before = await stored(http, server.url, conversation_id)
-        fake_vllm.script(Reply(text=" ".join(["word"] * 200), token_delay_s=0.01))
-        async with http.stream("POST", f"{server.url}/api/v1/chat/stream",
-                               json={"content": "long one", "conversation_id": conversation_id}) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("event: token"):
-                    break
-        after = await wait_until_free(http, server.url, conversation_id)
-        assert after.status_code == 200
-        messages = await stored(http, server.url, conversation_id)
-    assert messages[: len(before)] == before
-    assert [m["content"] for m in messages[len(before):]] == ["after", "You said: after"]
-
-
 async def test_parallel_turns_on_one_conversation_get_409_not_interleaved(
     fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
 ) -> None:
