@@ -574,7 +574,7 @@ class VLLMClient:
         self._http = http
         self.base_url = settings.vllm_base_url
         self.model = settings.vllm_model
-        self._chat_url = f"{settings.vllm_base_url}/v1/chat/completions"
+        self._chat_url = httpx.URL(f"{settings.vllm_base_url}/v1/chat/completions")  # parsed once, not per call
         self._headers = {"content-type": "application/json"}
         if settings.vllm_api_key is not None:
             self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
