@@ -5,9 +5,9 @@
   3. Schemas      request/response bodies and stream events
   4. vLLM client  VLLMClient: chat completions (plain and streamed); transport errors translated here
   5. Parsing      pure functions: Qwen/Hermes text and tool-call arguments -> calls; streaming text filter
-  6. Memory       ConversationStore: conversations and one write per successful turn
-  7. Agent        Agent.run_turn(): the loop, an async generator of events
-  8. App          create_app(), lifespan, error handlers, /api/v1 routes; app = create_app()
+  6. Memory       ConversationStore: SQLAlchemy Core on SQLite or PostgreSQL, one transaction a turn, leases
+  7. Agent        Agent.run_turn(): the loop, an async generator of events; context-window fitting
+  8. App          create_app(), lifespan, auth, request ids, error handlers, /api/v1 routes and SSE framing
 """
 
 import asyncio
