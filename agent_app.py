@@ -567,11 +567,21 @@ def error_for_status(status: int, body: bytes) -> LLMError:
     return LLMError(f"vLLM answered {status}: {message}")
 
 
-class VLLMClient:
-    """Talks to vLLM's OpenAI-compatible API over the process's shared httpx client."""
+def vllm_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(settings.vllm_timeout_s, connect=settings.vllm_connect_timeout_s)
 
-    def __init__(self, http: httpx.AsyncClient, settings: Settings) -> None:
+
+class VLLMClient:
+    """Talks to vLLM's OpenAI-compatible API over the process's shared httpx client and its transport.
+
+    Chat completions, the hot path, go straight to the client's transport as httpx Requests: vLLM uses
+    none of the client's cookie, auth, redirect and hook layers, and they cost a third of each call.
+    """
+
+    def __init__(self, http: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, settings: Settings) -> None:
         self._http = http
+        self._transport = transport
+        self._timeout = {"timeout": vllm_timeout(settings).as_dict()}
         self.base_url = settings.vllm_base_url
         self.model = settings.vllm_model
         self._chat_url = httpx.URL(f"{settings.vllm_base_url}/v1/chat/completions")  # parsed once, not per call
@@ -689,9 +699,10 @@ class VLLMClient:
             self._slots.release()
 
     async def _send(self, content: bytes) -> httpx.Response:
-        request = self._http.build_request("POST", self._chat_url, content=content, headers=self._headers)
+        request = httpx.Request("POST", self._chat_url, content=content, headers=self._headers,
+                                extensions=self._timeout)
         with translate_transport_errors(self.base_url):
-            return await self._http.send(request, stream=True)
+            return await self._transport.handle_async_request(request)
 
 
 def new_call_id() -> str:
@@ -1706,14 +1717,13 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        timeout = httpx.Timeout(settings.vllm_timeout_s, connect=settings.vllm_connect_timeout_s)
         limits = httpx.Limits(max_connections=settings.vllm_max_concurrency + 16, max_keepalive_connections=100)
+        vllm_transport = transport or AiohttpTransport(limits=limits)
         async with (
             ConversationStore.open(settings.database_url, lease_s=settings.turn_timeout_s + 60) as store,
-            httpx.AsyncClient(transport=transport or AiohttpTransport(limits=limits), timeout=timeout,
-                              limits=limits) as http,
+            httpx.AsyncClient(transport=vllm_transport, timeout=vllm_timeout(settings), limits=limits) as http,
         ):
-            app.state.agent = Agent(VLLMClient(http, settings), REGISTRY, store, settings)
+            app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
             if settings.api_key is None:
                 logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
             yield

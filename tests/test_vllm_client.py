@@ -65,8 +65,9 @@ def router() -> respx.MockRouter:
 @pytest.fixture
 async def make_client(router: respx.MockRouter, make_settings: Callable[..., Settings]
                       ) -> AsyncIterator[Callable[..., VLLMClient]]:
-    async with httpx.AsyncClient(transport=httpx.MockTransport(router.async_handler)) as http:
-        yield lambda **overrides: VLLMClient(http, make_settings(**overrides))
+    transport = httpx.MockTransport(router.async_handler)
+    async with httpx.AsyncClient(transport=transport) as http:
+        yield lambda **overrides: VLLMClient(http, transport, make_settings(**overrides))
 
 
 async def test_complete_reads_a_plain_answer(router: respx.MockRouter, make_client: Callable[..., VLLMClient]) -> None:
