@@ -940,6 +940,29 @@ class OpenTurn:
         return self.lease is None
 
 
+@dataclass
+class TurnWrite:
+    """A finished turn waiting for the store's writer; `done` resolves once it is committed."""
+
+    turn: OpenTurn
+    messages: list[dict[str, Any]]
+    usages: list[dict[str, int] | None]
+    done: asyncio.Future[None]
+
+    def rows(self, now: float) -> list[dict[str, Any]]:
+        first = len(self.turn.history)
+        return [
+            {"conversation_id": self.turn.conversation_id, "position": first + offset, "role": message["role"],
+             "content": message.get("content"), "tool_calls": message.get("tool_calls"),
+             "tool_call_id": message.get("tool_call_id"), "usage": usage, "created_at": now}
+            for offset, (message, usage) in enumerate(zip(self.messages, self.usages, strict=True))
+        ]
+
+    def fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+
 def wire_message(row: Any) -> dict[str, Any]:
     """A stored message as vLLM expects it in `messages`."""
     message: dict[str, Any] = {"role": row.role, "content": row.content}
@@ -980,6 +1003,8 @@ class ConversationStore:
     def __init__(self, engine: AsyncEngine, lease_s: float) -> None:
         self._engine = engine
         self._lease_s = lease_s
+        self._queued: list[TurnWrite] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @classmethod
     @asynccontextmanager
@@ -992,7 +1017,12 @@ class ConversationStore:
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(METADATA.create_all)
-            yield cls(engine, lease_s)
+            store = cls(engine, lease_s)
+            try:
+                yield store
+            finally:
+                if store._writer is not None:
+                    await store._writer
         finally:
             await engine.dispose()
 
@@ -1011,26 +1041,62 @@ class ConversationStore:
 
     async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]],
                           usages: list[dict[str, int] | None]) -> None:
-        """Write the turn's messages and release the lease, all in one transaction."""
-        now, first = time.time(), len(turn.history)
-        async with self._engine.begin() as conn:
-            if turn.is_new:
-                await conn.execute(ADD_CONVERSATION, {
-                    "id": turn.conversation_id, "title": conversation_title(messages), "created_at": now,
-                    "updated_at": now, "message_count": len(messages)})
-            else:
-                kept = await conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease,
-                                                     "b_now": now, "b_count": first + len(messages)})
-                if kept.rowcount != 1:
-                    raise ConversationBusy(f"conversation {turn.conversation_id!r} was deleted or taken over "
-                                           "while this turn ran; the turn was not stored")
-            await conn.execute(ADD_MESSAGES, [
-                {"conversation_id": turn.conversation_id, "position": first + offset, "role": message["role"],
-                 "content": message.get("content"), "tool_calls": message.get("tool_calls"),
-                 "tool_call_id": message.get("tool_call_id"), "usage": usage, "created_at": now}
-                for offset, (message, usage) in enumerate(zip(messages, usages, strict=True))
-            ])
+        """Write the turn's messages and release the lease, all in one transaction.
+
+        Group commit: turns that finish while a write is in flight queue up and go to the database
+        together in the next transaction, so a busy service pays one commit (and one round of
+        aiosqlite thread hops) for many turns. Each turn still succeeds or fails on its own.
+        """
+        write = TurnWrite(turn, messages, usages, asyncio.get_running_loop().create_future())
+        self._queued.append(write)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued())
+        await write.done
         turn.committed = True
+
+    async def _write_queued(self) -> None:
+        """Write queued turns batch by batch; if a batch fails, write its turns one by one."""
+        while self._queued:
+            batch, self._queued = self._queued, []
+            try:
+                await self._write(batch)
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].fail(exc)
+                    continue
+                for write in batch:
+                    try:
+                        await self._write([write])
+                    except Exception as single_exc:
+                        write.fail(single_exc)
+
+    async def _write(self, batch: list["TurnWrite"]) -> None:
+        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing."""
+        now = time.time()
+        async with self._engine.begin() as conn:
+            kept = []
+            for write in batch:
+                if write.done.done():
+                    continue
+                turn = write.turn
+                if not turn.is_new:
+                    ended = await conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease,
+                                                          "b_now": now,
+                                                          "b_count": len(turn.history) + len(write.messages)})
+                    if ended.rowcount != 1:
+                        write.fail(ConversationBusy(f"conversation {turn.conversation_id!r} was deleted or taken "
+                                                    "over while this turn ran; the turn was not stored"))
+                        continue
+                kept.append(write)
+            if new := [write for write in kept if write.turn.is_new]:
+                await conn.execute(ADD_CONVERSATION, [
+                    {"id": write.turn.conversation_id, "title": conversation_title(write.messages),
+                     "created_at": now, "updated_at": now, "message_count": len(write.messages)}
+                    for write in new])
+            if kept:
+                await conn.execute(ADD_MESSAGES, [row for write in kept for row in write.rows(now)])
+        for write in kept:
+            write.done.set_result(None)
 
     async def close_turn(self, turn: OpenTurn) -> None:
         """Release the lease of a turn that was not committed (commit releases it itself)."""

@@ -1,5 +1,6 @@
 """ConversationStore against SQLite and a real PostgreSQL: turns, leases, pagination, deletion."""
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -7,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from agent_app import (
@@ -159,6 +161,51 @@ async def test_an_expired_lease_is_taken_over_and_the_late_turn_writes_nothing(o
         with pytest.raises(ConversationBusy):
             await store.commit_turn(slow, [{"role": "user", "content": "slow"}], [None])
         assert [m["content"] for m in await store.load_messages(conversation_id)][-1] == "fast"
+
+
+def count_commits(store: ConversationStore) -> list[int]:
+    """A list that grows by one for every transaction the store commits."""
+    commits: list[int] = []
+    event.listen(store._engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    return commits
+
+
+async def test_turns_that_finish_together_share_one_commit(store: ConversationStore) -> None:
+    commits = count_commits(store)
+    turns = [await store.open_turn(None) for _ in range(8)]
+    await asyncio.gather(*(store.commit_turn(turn, TURN, USAGES) for turn in turns))
+    for turn in turns:
+        assert turn.committed
+        assert await store.load_messages(turn.conversation_id) == TURN
+    assert len(commits) < len(turns)
+
+
+async def test_a_lost_lease_in_a_batch_fails_only_that_turn(open_store: StoreFactory) -> None:
+    async with open_store(lease_s=0.0) as store:
+        conversation_id = await new_conversation(store)
+        slow = await store.open_turn(conversation_id)
+        fast = await store.open_turn(conversation_id)
+        await store.commit_turn(fast, [{"role": "user", "content": "fast"}], [None])
+        fresh = await store.open_turn(None)
+        outcomes = await asyncio.gather(store.commit_turn(slow, [{"role": "user", "content": "slow"}], [None]),
+                                        store.commit_turn(fresh, TURN, USAGES), return_exceptions=True)
+        assert isinstance(outcomes[0], ConversationBusy) and outcomes[1] is None
+        assert [m["content"] for m in await store.load_messages(conversation_id)][-1] == "fast"
+        assert await store.load_messages(fresh.conversation_id) == TURN
+
+
+async def test_a_failing_turn_in_a_batch_does_not_take_the_others_down(store: ConversationStore) -> None:
+    commits = count_commits(store)
+    good = [await store.open_turn(None) for _ in range(3)]
+    clash = [OpenTurn("same-id", [], None), OpenTurn("same-id", [], None)]
+    outcomes = await asyncio.gather(*(store.commit_turn(turn, TURN, USAGES) for turn in [*good, *clash]),
+                                    return_exceptions=True)
+    assert outcomes[:4] == [None] * 4
+    assert isinstance(outcomes[4], IntegrityError)
+    assert not clash[1].committed
+    for turn in [*good, clash[0]]:
+        assert await store.load_messages(turn.conversation_id) == TURN
+    assert len(commits) == 4  # the batch of five rolled back; then each turn alone: four commits, one failure
 
 
 async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
