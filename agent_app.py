@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from httpx_aiohttp import AiohttpTransport
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import (
     JSON,
@@ -688,7 +688,10 @@ class VLLMClient:
     async def _slot(self) -> AsyncIterator[None]:
         """Hold one of VLLM_MAX_CONCURRENCY slots; wait at most VLLM_QUEUE_TIMEOUT_S for it."""
         try:
-            async with asyncio.timeout(self._queue_timeout_s):
+            if self._slots.locked():  # only a wait needs the timer; a free slot is taken without one
+                async with asyncio.timeout(self._queue_timeout_s):
+                    await self._slots.acquire()
+            else:
                 await self._slots.acquire()
         except TimeoutError:
             raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
@@ -939,6 +942,10 @@ class OpenTurn:
     def is_new(self) -> bool:
         return self.lease is None
 
+    @property
+    def holds_lease(self) -> bool:
+        return self.lease is not None and not self.committed
+
 
 @dataclass
 class TurnWrite:
@@ -1100,7 +1107,7 @@ class ConversationStore:
 
     async def close_turn(self, turn: OpenTurn) -> None:
         """Release the lease of a turn that was not committed (commit releases it itself)."""
-        if turn.committed or turn.is_new:
+        if not turn.holds_lease:
             return
         async with self._engine.begin() as conn:
             await conn.execute(RELEASE_LEASE, {"b_id": turn.conversation_id, "b_lease": turn.lease})
@@ -1327,7 +1334,8 @@ class Agent:
             await self._finish(self.store.commit_turn(turn, state.messages, state.usages))
             yield self._done(turn, state, stop_reason)
         finally:
-            await self._finish(self.store.close_turn(turn))
+            if turn.holds_lease:
+                await self._finish(self.store.close_turn(turn))
 
     async def _finish(self, write: Any) -> None:
         """Complete a store write even when the turn is being cancelled (e.g. the client went away)."""
@@ -1525,6 +1533,7 @@ SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
          if key != "$defs"}  # nested models (Usage, ToolCallRecord) are components already
         for model in (TokenEvent, ToolCallEvent, ToolResultEvent, DoneEvent, ErrorEvent)]}}},
 }}
+CHAT_RESPONSE_JSON = TypeAdapter(ChatResponse)  # a DoneEvent through it loses `type`, as the API documents
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.-]+\+)?json")
@@ -1573,10 +1582,11 @@ router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES, dependencies=[De
 open_router = APIRouter(prefix="/api/v1")
 
 
-@router.post("/chat", summary="Run one agent turn and return the answer")
-async def chat(request: ChatTurnDep, agent: AgentDep) -> ChatResponse:
+@router.post("/chat", response_model=ChatResponse, summary="Run one agent turn and return the answer")
+async def chat(request: ChatTurnDep, agent: AgentDep) -> Response:
+    """Serialized here through ChatResponse's schema: FastAPI would validate the finished model again first."""
     events = [event async for event in agent.run_turn(request.turn, request.content)]
-    return events[-1]
+    return Response(CHAT_RESPONSE_JSON.dump_json(events[-1]), media_type="application/json")
 
 
 @router.post("/chat/stream", response_class=StreamingResponse, responses=SSE_RESPONSE,
