@@ -406,6 +406,7 @@ class Health(BaseModel):
 
 CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
 DEFAULT_MAX_MODEL_LEN = 32_768
+MAX_MODEL_LEN_RETRY_S = 60.0  # after a failed GET /v1/models; not once per LLM call
 STREAM_CUT = "vLLM's stream ended before [DONE]"
 AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
 REQUEST_ECHO = re.compile(r"""['"]input['"]\s*:""")  # where vLLM's validation errors start repeating the body
@@ -589,6 +590,7 @@ class VLLMClient:
         if settings.vllm_api_key is not None:
             self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
         self._max_model_len: int | None = None
+        self._max_model_len_asked_at: float | None = None
         self._slots = asyncio.Semaphore(settings.vllm_max_concurrency)
         self._queue_timeout_s = settings.vllm_queue_timeout_s
         self._retries = settings.vllm_max_retries
@@ -626,8 +628,14 @@ class VLLMClient:
         yield assembler.completion()
 
     async def max_model_len(self) -> int:
-        """The model's context window from GET /v1/models, asked once; 32768 if vLLM can't say."""
-        if self._max_model_len is None:
+        """The model's context window from GET /v1/models, asked once; 32768 while vLLM can't say.
+
+        A failed answer is asked again at most once a minute, not on every call.
+        """
+        now = time.monotonic()
+        asked_at = self._max_model_len_asked_at
+        if self._max_model_len is None and (asked_at is None or now - asked_at >= MAX_MODEL_LEN_RETRY_S):
+            self._max_model_len_asked_at = now
             try:
                 response = await self._http.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=5.0)
                 cards = response.json()["data"] if response.status_code == 200 else []

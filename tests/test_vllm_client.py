@@ -250,3 +250,26 @@ async def test_stream_status_errors_are_read_before_streaming(router: respx.Mock
         delta({"content": "ok"}), delta({}, finish_reason="stop")))])
     assert await collect(make_client()) == ["ok", Completion("ok", [], "stop", None)]
     assert route.call_count == 2
+
+
+async def test_max_model_len_is_read_once(router: respx.MockRouter, make_client: Callable[..., VLLMClient]) -> None:
+    route = router.get("http://vllm.test/v1/models").respond(
+        json={"object": "list", "data": [{"id": "m", "object": "model", "max_model_len": 4096}]})
+    client = make_client(vllm_model="m")
+    assert [await client.max_model_len() for _ in range(3)] == [4096] * 3
+    assert route.call_count == 1
+
+
+async def test_a_failed_max_model_len_is_asked_again_only_after_a_minute(
+    router: respx.MockRouter, make_client: Callable[..., VLLMClient]
+) -> None:
+    route = router.get("http://vllm.test/v1/models").mock(side_effect=[
+        httpx.Response(500, text="starting"),
+        httpx.Response(200, json={"object": "list", "data": [{"id": "m", "max_model_len": 4096}]}),
+    ])
+    client = make_client(vllm_model="m")
+    assert [await client.max_model_len() for _ in range(3)] == [32768] * 3
+    assert route.call_count == 1
+    client._max_model_len_asked_at -= 61  # a minute later
+    assert await client.max_model_len() == 4096
+    assert route.call_count == 2
