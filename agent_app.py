@@ -58,6 +58,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -980,6 +981,27 @@ class TurnWrite:
             self.done.set_exception(exc)
 
 
+def write_turns(conn: Connection, writes: list[TurnWrite], now: float) -> list[TurnWrite]:
+    """Store finished turns in one transaction; return those not stored because their lease was lost."""
+    lost = []
+    with conn.begin():
+        for write in writes:
+            turn = write.turn
+            if not turn.is_new:
+                ended = conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease, "b_now": now,
+                                                "b_count": len(turn.history) + len(write.messages)})
+                if ended.rowcount != 1:
+                    lost.append(write)
+        kept = [write for write in writes if write not in lost]
+        if new := [write for write in kept if write.turn.is_new]:
+            conn.execute(ADD_CONVERSATION, [
+                {"id": write.turn.conversation_id, "title": conversation_title(write.messages),
+                 "created_at": now, "updated_at": now, "message_count": len(write.messages)} for write in new])
+        if kept:
+            conn.execute(ADD_MESSAGES, [row for write in kept for row in write.rows(now)])
+    return lost
+
+
 def wire_message(row: Any) -> dict[str, Any]:
     """A stored message as vLLM expects it in `messages`."""
     message: dict[str, Any] = {"role": row.role, "content": row.content}
@@ -1088,32 +1110,20 @@ class ConversationStore:
                         write.fail(single_exc)
 
     async def _write(self, batch: list["TurnWrite"]) -> None:
-        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing."""
-        now = time.time()
-        async with self._engine.begin() as conn:
-            kept = []
-            for write in batch:
-                if write.done.done():
-                    continue
-                turn = write.turn
-                if not turn.is_new:
-                    ended = await conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease,
-                                                          "b_now": now,
-                                                          "b_count": len(turn.history) + len(write.messages)})
-                    if ended.rowcount != 1:
-                        write.fail(ConversationBusy(f"conversation {turn.conversation_id!r} was deleted or taken "
-                                                    "over while this turn ran; the turn was not stored"))
-                        continue
-                kept.append(write)
-            if new := [write for write in kept if write.turn.is_new]:
-                await conn.execute(ADD_CONVERSATION, [
-                    {"id": write.turn.conversation_id, "title": conversation_title(write.messages),
-                     "created_at": now, "updated_at": now, "message_count": len(write.messages)}
-                    for write in new])
-            if kept:
-                await conn.execute(ADD_MESSAGES, [row for write in kept for row in write.rows(now)])
-        for write in kept:
-            write.done.set_result(None)
+        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing.
+
+        The statements run in one greenlet (run_sync): awaiting each through the async engine cost
+        about a sixth more CPU per write.
+        """
+        writes = [write for write in batch if not write.done.done()]
+        async with self._engine.connect() as conn:
+            lost = await conn.run_sync(write_turns, writes, time.time())
+        for write in writes:
+            if write in lost:
+                write.fail(ConversationBusy(f"conversation {write.turn.conversation_id!r} was deleted or taken "
+                                            "over while this turn ran; the turn was not stored"))
+            else:
+                write.done.set_result(None)
 
     async def close_turn(self, turn: OpenTurn) -> None:
         """Release the lease of a turn that was not committed (commit releases it itself)."""
