@@ -938,6 +938,11 @@ OWN_LEASE = and_(CONVERSATIONS.c.id == bindparam("b_id"), CONVERSATIONS.c.lease_
 END_TURN = update(CONVERSATIONS).where(OWN_LEASE).values(
     updated_at=bindparam("b_now"), message_count=bindparam("b_count"), lease_token=None, lease_expires_at=None)
 RELEASE_LEASE = update(CONVERSATIONS).where(OWN_LEASE).values(lease_token=None, lease_expires_at=None)
+LOAD_MESSAGES = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
+LOAD_WIRE_MESSAGES = (
+    select(MESSAGES.c.role, MESSAGES.c.content, MESSAGES.c.tool_calls, MESSAGES.c.tool_call_id)
+    .where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
+)
 
 
 @dataclass
@@ -1075,7 +1080,7 @@ class ConversationStore:
                                                     "b_expires": now + self._lease_s})
             if taken.rowcount != 1:
                 await self._raise_missing_or_busy(conn, conversation_id)
-            history = await self._messages(conn, conversation_id)
+            history = await self._messages(conn, conversation_id, wire_only=True)
         return OpenTurn(conversation_id, [wire_message(row) for row in history], lease)
 
     async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]],
@@ -1136,7 +1141,7 @@ class ConversationStore:
         """The stored messages of a conversation, oldest first, in vLLM's message shape."""
         async with self._engine.connect() as conn:
             await self._summary(conn, conversation_id)
-            return [wire_message(row) for row in await self._messages(conn, conversation_id)]
+            return [wire_message(row) for row in await self._messages(conn, conversation_id, wire_only=True)]
 
     async def get_conversation(self, conversation_id: str) -> ConversationDetail:
         async with self._engine.connect() as conn:
@@ -1171,9 +1176,10 @@ class ConversationStore:
                 raise ConversationNotFound(f"conversation {conversation_id!r} not found")
 
     @staticmethod
-    async def _messages(conn: AsyncConnection, conversation_id: str) -> Sequence[Any]:
-        query = select(MESSAGES).where(MESSAGES.c.conversation_id == conversation_id).order_by(MESSAGES.c.position)
-        return (await conn.execute(query)).all()
+    async def _messages(conn: AsyncConnection, conversation_id: str, *, wire_only: bool = False) -> Sequence[Any]:
+        """A conversation's message rows in order; `wire_only` reads just what vLLM is sent (no usage JSON)."""
+        query = LOAD_WIRE_MESSAGES if wire_only else LOAD_MESSAGES
+        return (await conn.execute(query, {"b_id": conversation_id})).all()
 
     @staticmethod
     async def _summary(conn: AsyncConnection, conversation_id: str) -> ConversationSummary:
