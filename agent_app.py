@@ -963,6 +963,14 @@ class OpenTurn:
         return self.lease is not None and not self.committed
 
 
+def storable_text(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; a model or a tool that emits one gets U+FFFD in its place, not a 500.
+
+    (JSON columns keep it: it is escaped as \\u0000 there.)
+    """
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 @dataclass
 class TurnWrite:
     """A finished turn waiting for the store's writer; `done` resolves once it is committed."""
@@ -976,8 +984,8 @@ class TurnWrite:
         first = len(self.turn.history)
         return [
             {"conversation_id": self.turn.conversation_id, "position": first + offset, "role": message["role"],
-             "content": message.get("content"), "tool_calls": message.get("tool_calls"),
-             "tool_call_id": message.get("tool_call_id"), "usage": usage, "created_at": now}
+             "content": storable_text(message.get("content")), "tool_calls": message.get("tool_calls"),
+             "tool_call_id": storable_text(message.get("tool_call_id")), "usage": usage, "created_at": now}
             for offset, (message, usage) in enumerate(zip(self.messages, self.usages, strict=True))
         ]
 

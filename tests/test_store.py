@@ -243,3 +243,16 @@ async def test_conversations_survive_a_restart(open_store: StoreFactory) -> None
         conversation_id = await new_conversation(store)
     async with open_store() as reopened:
         assert await reopened.load_messages(conversation_id) == TURN
+
+
+async def test_nul_from_a_model_or_tool_is_stored_as_a_replacement_character(store: ConversationStore) -> None:
+    call = {"id": "call\x001", "type": "function", "function": {"name": "echo", "arguments": '{"text": "a\\u0000b"}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call\x001", "content": "out\x00put"},
+                {"role": "assistant", "content": "done\x00"}]
+    turn = await store.open_turn(None)
+    await store.commit_turn(turn, messages, [None] * 4)
+    stored = await store.load_messages(turn.conversation_id)
+    assert [m["content"] for m in stored] == ["hi", "", "out\ufffdput", "done\ufffd"]
+    assert stored[2]["tool_call_id"] == "call\ufffd1"
+    assert stored[1]["tool_calls"] == [call]
