@@ -52,6 +52,9 @@ def test_allowed_origins_is_a_json_list(monkeypatch: pytest.MonkeyPatch) -> None
                                             "as http://localhost:8000, got 'localhost:8000'"),
         ("DATABASE_URL", "sqlite:///x.db", "invalid settings: DATABASE_URL: Value error, must start with "
                                            "sqlite+aiosqlite:// or postgresql+asyncpg://"),
+        ("DATABASE_URL", "sqlite+aiosqlite://", "invalid settings: DATABASE_URL: Value error, must name a database "
+                                                "file (sqlite+aiosqlite:///path/to/conversations.db), not an "
+                                                "in-memory database"),
     ],
 )
 def test_a_bad_value_fails_at_startup_naming_the_variable(

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -155,7 +156,7 @@ async def test_commit_releases_the_lease(store: ConversationStore) -> None:
 def count_commits(store: ConversationStore) -> list[int]:
     """A list that grows by one for every transaction the store commits."""
     commits: list[int] = []
-    event.listen(store._engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    event.listen(store.write_engine, "commit", lambda _conn: commits.append(1))
     return commits
 
 
@@ -197,6 +198,17 @@ async def test_a_failing_turn_in_a_batch_does_not_take_the_others_down(store: Co
     for turn in [*good, clash[0]]:
         assert await store.load_messages(turn.conversation_id) == TURN
     assert len(commits) == 4  # the batch of five rolled back; then each turn alone: four commits, one failure
+
+
+async def test_sqlite_writes_run_on_the_writer_thread_off_the_event_loop(tmp_path: Path) -> None:
+    async with ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", lease_s=60.0) as store:
+        threads: set[str] = set()
+        event.listen(store.write_engine, "before_cursor_execute",
+                     lambda *_statement: threads.add(threading.current_thread().name))
+        conversation_id = await new_conversation(store)
+        await store.close_turn(await store.open_turn(conversation_id))
+        await store.delete_conversation(conversation_id)
+    assert threads == {"sqlite-writer"}
 
 
 async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
