@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -928,10 +928,11 @@ MESSAGES = Table(
     Column("created_at", Float, nullable=False),
 )
 TITLE_CHARS = 80
-# SQLite has one writer at a time: one pooled connection queues turns in the service instead of in SQLite's
-# busy handler (whose sleeps showed up as 100 ms steps and "database is locked").
-# No pool reset either: every connection is used through engine.begin()/connect(), which end their own
-# transaction, so the pool's extra ROLLBACK would only cost another aiosqlite thread hop per use.
+# One pooled connection per engine (SQLiteWriter's for writes, the async engine's for reads): SQLite has one
+# writer at a time, and writes queue in the service instead of in SQLite's busy handler (whose sleeps showed
+# up as 100 ms steps and "database is locked"). No pool reset either: every connection is used through
+# begin()/connect() blocks that end their own transaction, so the pool's extra ROLLBACK would only cost
+# another thread hop per use.
 SQLITE_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_reset_on_return": None}
 # Statements built once, so SQLAlchemy compiles and caches each a single time; values come as parameters.
 ADD_CONVERSATION = insert(CONVERSATIONS)
@@ -1096,17 +1097,21 @@ class SQLiteWriter:
         sqlalchemy_event.listen(self.engine, "connect", set_sqlite_pragmas)
         self._jobs: queue.SimpleQueue[tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
         self._jobs = queue.SimpleQueue()
+        self._closed = False
         self._thread = threading.Thread(target=self._serve, name="sqlite-writer", daemon=True)
         self._thread.start()
 
     async def run(self, operation: Callable[..., T], *args: Any) -> T:
         """operation(connection, *args) on the writer thread; its result or its exception comes back."""
+        if self._closed:
+            raise RuntimeError("the conversation store is closed")
         done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._jobs.put((done, operation, args))
         return await done
 
     async def close(self) -> None:
         """Finish the jobs already sent, then stop the thread and close its connection."""
+        self._closed = True
         self._jobs.put(None)
         await asyncio.to_thread(self._thread.join)
 
@@ -1120,7 +1125,8 @@ class SQLiteWriter:
                     result = operation(conn, *args)
             except Exception as exc:
                 error = exc
-            done.get_loop().call_soon_threadsafe(settle, done, result, error)
+            with suppress(RuntimeError):  # the loop is closed: nobody waits for this answer
+                done.get_loop().call_soon_threadsafe(settle, done, result, error)
         self.engine.dispose()
 
 

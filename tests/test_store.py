@@ -211,6 +211,13 @@ async def test_sqlite_writes_run_on_the_writer_thread_off_the_event_loop(tmp_pat
     assert threads == {"sqlite-writer"}
 
 
+async def test_a_closed_sqlite_store_refuses_writes_instead_of_hanging(tmp_path: Path) -> None:
+    async with ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", lease_s=60.0) as store:
+        conversation_id = await new_conversation(store)
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(store.delete_conversation(conversation_id), timeout=5)
+
+
 async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
     ids = [await new_conversation(store, [{"role": "user", "content": f"question {n}"}]) for n in range(5)]
     first = await store.list_conversations(2, None)
