@@ -1153,6 +1153,7 @@ class ConversationStore:
         self._sqlite_writer = sqlite_writer
         self._queued: list[TurnWrite] = []
         self._writer_task: asyncio.Task[None] | None = None
+        self._releases: set[asyncio.Task[None]] = set()
 
     @property
     def write_engine(self) -> Engine:
@@ -1175,8 +1176,8 @@ class ConversationStore:
             try:
                 yield store
             finally:
-                if store._writer_task is not None:
-                    await store._writer_task
+                pending = [*store._releases, *([store._writer_task] if store._writer_task else [])]
+                await asyncio.gather(*pending, return_exceptions=True)  # their waiters already have the errors
         finally:
             if sqlite_writer is not None:
                 await sqlite_writer.close()
@@ -1187,8 +1188,21 @@ class ConversationStore:
         if conversation_id is None:
             return OpenTurn(uuid.uuid4().hex, [], None)
         lease, now = uuid.uuid4().hex, time.time()
-        history = await self._write_op(take_lease, conversation_id, lease, now, now + self._lease_s)
+        taking = asyncio.ensure_future(self._write_op(take_lease, conversation_id, lease, now, now + self._lease_s))
+        try:
+            history = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(lambda _: self._release_abandoned(taking, conversation_id, lease))
+            raise
         return OpenTurn(conversation_id, history, lease)
+
+    def _release_abandoned(self, taking: asyncio.Future[Any], conversation_id: str, lease: str) -> None:
+        """A request that went away while its lease was being taken must not leave the conversation locked."""
+        if taking.cancelled() or taking.exception() is not None:
+            return
+        release = asyncio.ensure_future(self._write_op(release_lease, conversation_id, lease))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
 
     async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]],
                           usages: list[dict[str, int] | None]) -> None:

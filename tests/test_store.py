@@ -3,6 +3,7 @@
 import asyncio
 import os
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -216,6 +217,26 @@ async def test_a_closed_sqlite_store_refuses_writes_instead_of_hanging(tmp_path:
         conversation_id = await new_conversation(store)
     with pytest.raises(RuntimeError, match="closed"):
         await asyncio.wait_for(store.delete_conversation(conversation_id), timeout=5)
+
+
+async def test_a_request_gone_while_its_lease_is_taken_leaves_the_conversation_free(tmp_path: Path) -> None:
+    async with ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", lease_s=60.0) as store:
+        conversation_id = await new_conversation(store)
+        writer_busy = asyncio.ensure_future(store._write_op(lambda _conn: time.sleep(0.2)))
+        opening = asyncio.ensure_future(store.open_turn(conversation_id))
+        await asyncio.sleep(0.05)  # the lease is queued behind the busy writer when its request goes away
+        opening.cancel()
+        await writer_busy
+
+        async def open_when_free() -> OpenTurn:
+            while True:
+                try:
+                    return await store.open_turn(conversation_id)
+                except ConversationBusy:
+                    await asyncio.sleep(0.01)
+
+        turn = await asyncio.wait_for(open_when_free(), timeout=2)
+        assert opening.cancelled() and turn.lease is not None
 
 
 async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
