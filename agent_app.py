@@ -1460,11 +1460,31 @@ class Agent:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s "
-                                      "(TURN_TIMEOUT_S)") from None
+                    raise self._turn_timeout() from None
                 yield event
         finally:
             await events.aclose()
+
+    async def answer(self, turn: OpenTurn, content: str) -> DoneEvent:
+        """Run one user turn to its DoneEvent, for a caller that needs no events on the way.
+
+        One deadline around the whole turn: nothing outside the turn runs between its events, so the
+        per-event timers run_turn needs (a stream's consumer runs in between) would be pure overhead.
+        """
+        done: DoneEvent | None = None
+        try:
+            async with asyncio.timeout(self.settings.turn_timeout_s):
+                async for event in self._turn_events(turn, content, stream=False):
+                    if isinstance(event, DoneEvent):
+                        done = event
+        except TimeoutError:
+            raise self._turn_timeout() from None
+        if done is None:
+            raise RuntimeError("the turn ended without a DoneEvent")
+        return done
+
+    def _turn_timeout(self) -> TurnTimeout:
+        return TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s (TURN_TIMEOUT_S)")
 
     async def _turn_events(self, turn: OpenTurn, content: str, *, stream: bool) -> AsyncIterator[StreamEvent]:
         try:
@@ -1759,8 +1779,8 @@ open_router = APIRouter(prefix="/api/v1")
 async def chat(body: ChatRequest, agent: AgentDep) -> Response:
     """Serialized here through ChatResponse's schema: FastAPI would validate the finished model again first."""
     turn = await open_chat_turn(body, agent)
-    events = [event async for event in agent.run_turn(turn, body.content)]
-    return Response(CHAT_RESPONSE_JSON.dump_json(events[-1]), media_type="application/json")
+    done = await agent.answer(turn, body.content)
+    return Response(CHAT_RESPONSE_JSON.dump_json(done), media_type="application/json")
 
 
 @router.post("/chat/stream", response_class=StreamingResponse, responses=SSE_RESPONSE,
