@@ -13,6 +13,7 @@
 
 import asyncio
 import base64
+import gc
 import hmac
 import json
 import logging
@@ -1722,6 +1723,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
 }
 SSE_PING_S = 15.0
+YOUNG_GC_THRESHOLD = 10_000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "Events `token`, `tool_call`, `tool_result`, then one `done` or `error`; each `data:` is "
@@ -1987,6 +1989,27 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level)
 
 
+@contextmanager
+def tuned_garbage_collector() -> Iterator[None]:
+    """Two changes to the cyclic garbage collector while the service runs, each measured by bench/run.py:
+
+    - freeze: the ~200,000 objects alive after startup (Gradio's mostly) stay out of its scans; before,
+      every full collection walked them all (~70 ms each, ~0.07 ms of CPU per agent turn);
+    - a young generation of 10,000 objects, not 700: a turn's objects are freed by reference counting,
+      so the collector ran every few turns for next to nothing (~0.04 ms a turn).
+    Garbage is collected before the freeze, so none is kept; shutdown restores both.
+    """
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
+
+
 def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """Build the service; tests pass their own settings and an httpx transport (e.g. respx's)."""
     settings = settings or load_settings()
@@ -2003,7 +2026,8 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
             app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
             if settings.api_key is None:
                 logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
-            yield
+            with tuned_garbage_collector():
+                yield
 
     app = FastAPI(title="vLLM Agent Service", version="1.0.0", lifespan=lifespan,
                   description="A tool-using agent on a self-hosted vLLM server: REST, SSE and a Gradio page.")

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -17,6 +18,7 @@ from fake_vllm import FakeVLLM, Reply
 from test_e2e import stream_chat, tool_call_text
 from test_memory_e2e import chat, stored, wait_until_free
 
+from agent_app import YOUNG_GC_THRESHOLD
 from tools import ToolRegistry
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -108,6 +110,17 @@ async def test_a_disconnect_cancels_the_running_tool(fake_vllm: FakeVLLM, live_s
         await asyncio.wait_for(cancelled.wait(), timeout=5)
         listing = (await http.get(f"{server.url}/api/v1/conversations")).json()
     assert listing == {"conversations": [], "next_cursor": None}
+
+
+async def test_the_running_service_keeps_its_startup_heap_out_of_the_collector_and_restores_it_after(
+    fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
+) -> None:
+    thresholds = gc.get_threshold()
+    async with live_server(vllm_base_url=fake_vllm.url) as server:
+        assert gc.get_freeze_count() > 10_000  # this process's modules, the app and Gradio's page
+        assert gc.get_threshold() == (YOUNG_GC_THRESHOLD, *thresholds[1:])
+        assert (await chat(http, server.url, "hello")).status_code == 200
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (0, thresholds)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["rest", "stream"])
