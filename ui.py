@@ -43,6 +43,8 @@ INLINE_VALUE_CHARS = 80
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~#])")  # what can mark up text in the middle of a line
 STOPPED_NOTE = "*Stopped. This turn was not saved, so the agent will not remember it.*"
 INTERNAL_ERROR = "Something went wrong on the server; the service log has the details."
+QUEUE_POLL_S = 0.01
+PROGRESS_POLL_S = 0.1
 
 Shown = dict[str, Any] | gr.ChatMessage  # a message as the Chatbot hands it in, or one we made
 
@@ -394,10 +396,20 @@ def api_key_check(settings: "Settings") -> Callable[[str, str], bool] | None:
     return check
 
 
+def poll_queue_less(page: gr.Blocks) -> gr.Blocks:
+    """Gradio's queue looks for work every 1 ms and for progress every 10 ms while idle (on Linux; 50 and
+    100 ms on Windows): ~2% of a core for a service nobody uses, ~0.03 ms of CPU per API turn under load
+    (bench/README.md). Gradio has no setting for it, so its two attributes are set here (a test checks that
+    Gradio still has them); a queued UI event may start up to QUEUE_POLL_S later."""
+    page._queue.sleep_when_free = QUEUE_POLL_S
+    page._queue.progress_update_sleep_when_free = PROGRESS_POLL_S
+    return page
+
+
 def mount_ui(app: FastAPI, settings: "Settings") -> None:
     """Mount the page at /ui; behind a login when API_KEY is set, so it is no way around the API's auth."""
     gr.mount_gradio_app(
-        app, build_page(ChatUI(app), settings), path="/ui", auth=api_key_check(settings),
+        app, poll_queue_less(build_page(ChatUI(app), settings)), path="/ui", auth=api_key_check(settings),
         auth_message="Sign in with any user name and the service's API key as the password.",
         footer_links=[], run_history=False, theme=THEME, css=CSS,
     )

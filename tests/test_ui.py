@@ -13,7 +13,18 @@ import pytest
 from fake_vllm import FakeVLLM, Reply, tokenize
 
 from agent_app import create_app
-from ui import STOPPED_NOTE, ChatUI, code, header_html, messages_from_store, short_arguments, tool_message
+from ui import (
+    PROGRESS_POLL_S,
+    QUEUE_POLL_S,
+    STOPPED_NOTE,
+    ChatUI,
+    code,
+    header_html,
+    messages_from_store,
+    poll_queue_less,
+    short_arguments,
+    tool_message,
+)
 
 UIFactory = Callable[..., Any]
 START_VLLM = "--enable-auto-tool-choice --tool-call-parser hermes"
@@ -142,6 +153,16 @@ def test_header_names_model_server_reachability_and_tools() -> None:
         '<span class="agent-status down">vLLM not reachable</span></div>'
         '<div class="agent-tools">Tools: <code>calculator</code></div>'
     )
+
+
+def test_the_queue_polls_less_through_attributes_gradio_still_has() -> None:
+    with gr.Blocks() as page:
+        gr.Markdown("x")
+    attributes = set(vars(page._queue))
+    poll_queue_less(page)
+    assert (page._queue.sleep_when_free, page._queue.progress_update_sleep_when_free) == (
+        QUEUE_POLL_S, PROGRESS_POLL_S)
+    assert set(vars(page._queue)) == attributes  # set, not added: Gradio still reads these two
 
 
 def test_stop_settles_pending_calls_and_says_nothing_was_saved() -> None:
