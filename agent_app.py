@@ -1255,14 +1255,15 @@ class ConversationStore:
         """Write the turn's messages and release the lease, all in one transaction.
 
         Group commit: turns that finish while a write is in flight queue up and go to the database
-        together in the next transaction, so a busy service pays one commit (and one round of
-        aiosqlite thread hops) for many turns. Each turn still succeeds or fails on its own.
+        together in the next transaction, so a busy service pays one commit (and one trip to the
+        writer thread) for many turns. Each turn still succeeds or fails on its own. The write runs in
+        the store's writer task: a caller cancelled while it waits (the client went away) doesn't stop it.
         """
         write = TurnWrite(turn, messages, usages, asyncio.get_running_loop().create_future())
         self._queued.append(write)
         if self._writer_task is None or self._writer_task.done():
             self._writer_task = asyncio.create_task(self._write_queued())
-        await write.done
+        await asyncio.shield(write.done)
         turn.committed = True
 
     async def _write_queued(self) -> None:
@@ -1554,7 +1555,7 @@ class Agent:
             if stop_reason != "completed":
                 async for event in self._final_answer(turn, state, stream=stream):
                     yield event
-            await self._finish(self.store.commit_turn(turn, state.messages, state.usages))
+            await self.store.commit_turn(turn, state.messages, state.usages)
             yield self._done(turn, state, stop_reason)
         finally:
             if turn.holds_lease:
