@@ -5,8 +5,8 @@ process with one worker on loopback; drives the turn "What is 12*7?" -> calculat
 process; checks every answer; prints medians over interleaved rounds, then service/reference figures
 against the issue's targets. Last, a memory run on a fresh service: 5 turns in each of 1,000 conversations.
 
-    .venv/bin/python bench/run.py            # full run, about 4 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick    # smoke run, about 30 seconds
+    .venv/bin/python bench/run.py            # full run, about 80 seconds on 2 cores
+    .venv/bin/python bench/run.py --quick    # smoke run, about 15 seconds
 """
 
 import argparse
