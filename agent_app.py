@@ -1029,9 +1029,11 @@ class CompiledInsert:
                    frozenset(column.name for column in table.columns if isinstance(column.type, JSON)))
 
     def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        params = [tuple(json.dumps(row[name]) if name in self.json_columns and row.get(name) is not None
-                        else row.get(name) for name in self.columns) for row in rows]
-        conn.exec_driver_sql(self.sql, params)
+        conn.exec_driver_sql(self.sql, [tuple(self._param(name, row.get(name)) for name in self.columns)
+                                        for row in rows])
+
+    def _param(self, column: str, value: Any) -> Any:
+        return json.dumps(value) if value is not None and column in self.json_columns else value
 
 
 @lru_cache(maxsize=8)
@@ -2034,12 +2036,13 @@ def configure_logging(level: str) -> None:
 
 @contextmanager
 def tuned_garbage_collector() -> Iterator[None]:
-    """Two changes to the cyclic garbage collector while the service runs, each measured by bench/run.py:
+    """Two changes to the cyclic garbage collector while the service runs (timed with gc.callbacks over
+    3,000 turns at C=16; the effect on bench/run.py is in bench/README.md):
 
     - freeze: the ~200,000 objects alive after startup (Gradio's mostly) stay out of its scans; before,
       every full collection walked them all (~70 ms each, ~0.07 ms of CPU per agent turn);
     - a young generation of 10,000 objects, not 700: a turn's objects are freed by reference counting,
-      so the collector ran every few turns for next to nothing (~0.04 ms a turn).
+      so the collector ran every ~7 turns for next to nothing (~0.04 ms a turn; at 10,000 it did not run).
     Garbage is collected before the freeze, so none is kept; shutdown restores both.
     """
     thresholds = gc.get_threshold()
