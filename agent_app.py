@@ -966,6 +966,7 @@ class OpenTurn:
     history: list[dict[str, Any]]
     lease: str | None
     committed: bool = False
+    writing: asyncio.Future[None] | None = None  # the commit, once it is queued
 
     @property
     def is_new(self) -> bool:
@@ -1262,11 +1263,11 @@ class ConversationStore:
         the store's writer task: a caller cancelled while it waits (the client went away) doesn't stop it.
         """
         write = TurnWrite(turn, messages, usages, asyncio.get_running_loop().create_future())
+        turn.writing = write.done
         self._queued.append(write)
         if self._writer_task is None or self._writer_task.done():
             self._writer_task = asyncio.create_task(self._write_queued())
         await asyncio.shield(write.done)
-        turn.committed = True
 
     async def _write_queued(self) -> None:
         """Write queued turns batch by batch; if a batch fails, write its turns one by one."""
@@ -1285,9 +1286,7 @@ class ConversationStore:
                         write.fail(single_exc)
 
     async def _write(self, batch: list[TurnWrite]) -> None:
-        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing.
-
-        """
+        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing."""
         writes = [write for write in batch if not write.done.done()]
         lost = await self._write_op(write_turns, writes, time.time())
         for write in writes:
@@ -1295,10 +1294,18 @@ class ConversationStore:
                 write.fail(ConversationBusy(f"conversation {write.turn.conversation_id!r} was deleted or taken "
                                             "over while this turn ran; the turn was not stored"))
             else:
+                write.turn.committed = True
                 write.done.set_result(None)
 
     async def close_turn(self, turn: OpenTurn) -> None:
-        """Release the lease of a turn that was not committed (commit releases it itself)."""
+        """Release the lease of a turn that was not committed (commit releases it itself).
+
+        A commit still in flight (its caller went away while it was written) is waited for first, so the
+        release cannot overtake it: the turn is then stored, or not, and the conversation is free either way.
+        """
+        if turn.writing is not None:
+            with suppress(Exception):  # a failed commit: its caller has the error
+                await asyncio.shield(turn.writing)
         if turn.holds_lease:
             await self._write_op(release_lease, turn.conversation_id, turn.lease)
 

@@ -154,6 +154,23 @@ async def test_commit_releases_the_lease(store: ConversationStore) -> None:
     assert len(again.history) == 5
 
 
+async def test_a_commit_whose_caller_went_away_still_lands_and_frees_the_conversation(
+    store: ConversationStore,
+) -> None:
+    """The agent releases a lease in its `finally`: that release must not overtake the turn's own write."""
+    conversation_id = await new_conversation(store)
+    turn = await store.open_turn(conversation_id)
+    committing = asyncio.create_task(store.commit_turn(turn, [{"role": "user", "content": "late"}], [None]))
+    await asyncio.sleep(0)  # the write is queued; its writer has not run yet
+    committing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await committing
+    await store.close_turn(turn)
+    assert turn.committed
+    assert (await store.load_messages(conversation_id))[-1] == {"role": "user", "content": "late"}
+    await store.close_turn(await store.open_turn(conversation_id))
+
+
 def count_commits(store: ConversationStore) -> list[int]:
     """A list that grows by one for every transaction the store commits."""
     commits: list[int] = []
