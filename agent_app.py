@@ -2041,8 +2041,7 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level)
 
 
-@contextmanager
-def tuned_garbage_collector() -> Iterator[None]:
+class CollectorTuning:
     """Two changes to the cyclic garbage collector while the service runs (timed with gc.callbacks over
     3,000 turns at C=16; the effect on bench/run.py is in bench/README.md):
 
@@ -2050,17 +2049,33 @@ def tuned_garbage_collector() -> Iterator[None]:
       every full collection walked them all (~70 ms each, ~0.07 ms of CPU per agent turn);
     - a young generation of 10,000 objects, not 700: a turn's objects are freed by reference counting,
       so the collector ran every ~7 turns for next to nothing (~0.04 ms a turn; at 10,000 it did not run).
-    Garbage is collected before the freeze, so none is kept; shutdown restores both.
+    Garbage is collected before the freeze, so none is kept. The collector is the process's, not an app's:
+    the first app to start tunes it and the last to stop restores it, so two apps in one process (tests,
+    an embedding server) do not undo each other.
     """
-    thresholds = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        gc.unfreeze()
+
+    def __init__(self) -> None:
+        self._running_apps = 0
+        self._thresholds = gc.get_threshold()
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        if self._running_apps == 0:
+            self._thresholds = gc.get_threshold()
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(YOUNG_GC_THRESHOLD, *self._thresholds[1:])
+        self._running_apps += 1
+        try:
+            yield
+        finally:
+            self._running_apps -= 1
+            if self._running_apps == 0:
+                gc.set_threshold(*self._thresholds)
+                gc.unfreeze()
+
+
+COLLECTOR_TUNING = CollectorTuning()
 
 
 def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -2079,7 +2094,7 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
             app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
             if settings.api_key is None:
                 logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
-            with tuned_garbage_collector():
+            with COLLECTOR_TUNING.applied():
                 yield
 
     app = FastAPI(title="vLLM Agent Service", version="1.0.0", lifespan=lifespan,

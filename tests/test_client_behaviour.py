@@ -123,6 +123,19 @@ async def test_the_running_service_keeps_its_startup_heap_out_of_the_collector_a
     assert (gc.get_freeze_count(), gc.get_threshold()) == (0, thresholds)
 
 
+async def test_two_apps_in_one_process_restore_the_collector_only_when_both_have_stopped(
+    fake_vllm: FakeVLLM, live_server: Any
+) -> None:
+    thresholds = gc.get_threshold()
+    first, second = live_server(vllm_base_url=fake_vllm.url), live_server(vllm_base_url=fake_vllm.url)
+    await first.__aenter__()
+    await second.__aenter__()
+    await first.__aexit__(None, None, None)  # the first to start stops first
+    assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD and gc.get_freeze_count() > 10_000
+    await second.__aexit__(None, None, None)
+    assert (gc.get_freeze_count(), gc.get_threshold()) == (0, thresholds)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["rest", "stream"])
 async def test_the_whole_turn_deadline_bounds_a_turn_of_steps_that_are_each_in_time(
     stream: bool, fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
