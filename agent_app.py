@@ -421,6 +421,27 @@ MAX_MODEL_LEN_RETRY_S = 60.0  # after a failed GET /v1/models; not once per LLM 
 STREAM_CUT = "vLLM's stream ended before [DONE]"
 AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
 REQUEST_ECHO = re.compile(r"""['"]input['"]\s*:""")  # where vLLM's validation errors start repeating the body
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps with options builds an encoder per call
+
+
+class EncodedJson(str):
+    """A value's JSON text, encoded once: request bodies take it as it is (the tool list, on every call)."""
+
+
+def encode_body(payload: dict[str, Any]) -> bytes:
+    """The request body as JSON, EncodedJson values included as they are."""
+    fields = (f"{JSON_ENCODER.encode(key)}:{value if isinstance(value, EncodedJson) else JSON_ENCODER.encode(value)}"
+              for key, value in payload.items())
+    return f"{{{','.join(fields)}}}".encode()
+
+
+async def read_body(response: httpx.Response) -> bytes:
+    """The whole body, straight off the transport's stream.
+
+    Response.aread() would add a decoder and a chunker per call, for nothing: requests ask vLLM for no
+    content encoding.
+    """
+    return b"".join([chunk async for chunk in response.stream])
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,6 +610,8 @@ class VLLMClient:
 
     Chat completions, the hot path, go straight to the client's transport as httpx Requests: vLLM uses
     none of the client's cookie, auth, redirect and hook layers, and they cost a third of each call.
+    Their Requests come with every header set here (Host and Content-Length too) and the body as a stream,
+    which spares httpx's header preparation, about half the cost of building one.
     """
 
     def __init__(self, http: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, settings: Settings) -> None:
@@ -601,6 +624,8 @@ class VLLMClient:
         self._headers = {"content-type": "application/json"}
         if settings.vllm_api_key is not None:
             self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
+        self._chat_headers = [(b"host", self._chat_url.netloc), (b"accept-encoding", b"identity"),
+                              *((name.encode(), value.encode()) for name, value in self._headers.items())]
         self._max_model_len: int | None = None
         self._max_model_len_asked_at: float | None = None
         self._slots = asyncio.Semaphore(settings.vllm_max_concurrency)
@@ -612,7 +637,7 @@ class VLLMClient:
         """One non-streaming chat completion."""
         async with self._open({**payload, "model": self.model}) as response:
             with translate_transport_errors(self.base_url):
-                body = await response.aread()
+                body = await read_body(response)
         return read_completion(body)
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[str | Completion]:
@@ -622,7 +647,7 @@ class VLLMClient:
         async with self._open(request) as response:
             try:
                 pending = b""
-                async for chunk in response.aiter_bytes():
+                async for chunk in response.stream:
                     *lines, pending = (pending + chunk).split(b"\n")
                     # One piece per network read, not per event: under load a read holds many tokens.
                     text = "".join(assembler.feed(line[5:].strip().decode()) for line in lines
@@ -679,7 +704,7 @@ class VLLMClient:
     @asynccontextmanager
     async def _open(self, payload: dict[str, Any]) -> AsyncIterator[httpx.Response]:
         """POST within a concurrency slot, with retries on connection errors and 5xx; yield the 200 response."""
-        content = json.dumps(payload, ensure_ascii=False).encode()
+        content = encode_body(payload)
         async with self._slot():
             for attempt in range(self._retries + 1):
                 retry = attempt < self._retries
@@ -694,7 +719,7 @@ class VLLMClient:
                     if response.status_code == 200:
                         break
                     with translate_transport_errors(self.base_url):
-                        body = await response.aread()
+                        body = await read_body(response)
                     if not (retry and response.status_code >= 500):
                         raise error_for_status(response.status_code, body)
                 logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
@@ -722,8 +747,10 @@ class VLLMClient:
             self._slots.release()
 
     async def _send(self, content: bytes) -> httpx.Response:
-        request = httpx.Request("POST", self._chat_url, content=content, headers=self._headers,
+        headers = [*self._chat_headers, (b"content-length", str(len(content)).encode())]
+        request = httpx.Request("POST", self._chat_url, headers=headers, stream=httpx.ByteStream(content),
                                 extensions=self._timeout)
+        request.read()  # a stream Request is unread until then; transports and mocks read .content
         with translate_transport_errors(self.base_url):
             return await self._transport.handle_async_request(request)
 
@@ -1452,19 +1479,21 @@ NO_TOOLS: list[dict[str, Any]] = []
 
 @dataclass(frozen=True)
 class PromptHead:
-    """What every request starts with on a given day: the system message, the native tools, their estimate."""
+    """What every request starts with on a given day: the system message, the native tools (also as JSON text),
+    their token estimate."""
 
     date: str
     schemas: list[dict[str, Any]]
     tool_format: str
     system: dict[str, Any]
     tools: list[dict[str, Any]]
+    tools_json: EncodedJson
     tokens: int
 
 
 def estimate_tokens(value: Any) -> int:
     """A cheap, deliberately high token estimate: UTF-8 bytes / 3 (Qwen averages ~4 bytes a token)."""
-    return len(json.dumps(value, ensure_ascii=False).encode()) // 3 + 1
+    return len(JSON_ENCODER.encode(value).encode()) // 3 + 1
 
 
 def split_turns(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
@@ -1660,7 +1689,7 @@ class Agent:
         messages = await self._fit(head, history, current, harder=harder)
         payload: dict[str, Any] = {"messages": messages, **self._sampling}
         if head.tools:
-            payload["tools"] = head.tools
+            payload["tools"] = head.tools_json
         return payload
 
     def _prompt_head(self, tools: bool) -> PromptHead:
@@ -1675,6 +1704,7 @@ class Agent:
             system = {"role": "system", "content": system_text}
             native_tools = schemas if self.tool_format == "native" else NO_TOOLS
             head = self._heads[tools] = PromptHead(today, schemas, self.tool_format, system, native_tools,
+                                                   EncodedJson(JSON_ENCODER.encode(native_tools)),
                                                    estimate_tokens(system) + estimate_tokens(native_tools))
         return head
 

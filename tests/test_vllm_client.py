@@ -12,6 +12,7 @@ from agent_app import (
     AutoToolChoiceUnsupported,
     Completion,
     ContextTooLong,
+    EncodedJson,
     LLMError,
     LLMTimeout,
     Settings,
@@ -85,6 +86,22 @@ async def test_complete_reads_tool_calls_and_sends_the_model(
     assert completion.tool_calls == [WireToolCall("chatcmpl-tool-1", "calculator", '{"expression": "12*7"}')]
     assert completion.content == ""
     assert json.loads(route.calls.last.request.content) == {**PAYLOAD, "model": "Qwen/Qwen2.5-7B-Instruct"}
+
+
+async def test_chat_request_carries_its_own_headers_and_splices_encoded_json(
+    router: respx.MockRouter, make_client: Callable[..., VLLMClient]
+) -> None:
+    """Built without httpx's header preparation, the request still says who it is for and how long it is,
+    asks for no content encoding (the body is read raw), and takes EncodedJson values as JSON, not as text."""
+    route = router.post(CHAT_URL).respond(json=completion_body())
+    tools = [{"type": "function", "function": {"name": "wiki", "description": "Prüfen", "parameters": {}}}]
+    await make_client(vllm_model="m").complete({**PAYLOAD, "tools": EncodedJson(json.dumps(tools))})
+    request = route.calls.last.request
+    assert request.headers["host"] == "vllm.test"
+    assert request.headers["content-length"] == str(len(request.content))
+    assert request.headers["accept-encoding"] == "identity"
+    assert request.headers["content-type"] == "application/json"
+    assert json.loads(request.content) == {**PAYLOAD, "tools": tools, "model": "m"}
 
 
 @pytest.mark.parametrize("base_url", ["http://vllm.test", "http://vllm.test/", "http://vllm.test/v1",
