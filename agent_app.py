@@ -19,6 +19,7 @@ import json
 import logging
 import queue
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -1004,6 +1005,16 @@ class OpenTurn:
         return self.lease is not None and not self.committed
 
 
+def new_conversation_id() -> str:
+    """32 hex digits: the creation time in milliseconds, then 80 random bits (UUIDv7's layout).
+
+    Ids that grow with time are added at the end of the primary-key indexes, so a batch of new
+    conversations writes a few index pages instead of one page per conversation and table at random
+    places (4% less CPU per stored turn, bench/README.md). 80 random bits keep them unguessable.
+    """
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+
+
 def storable_text(text: str | None) -> str | None:
     """PostgreSQL text cannot hold NUL; a model or a tool that emits one gets U+FFFD in its place, not a 500.
 
@@ -1262,7 +1273,7 @@ class ConversationStore:
     async def open_turn(self, conversation_id: str | None) -> OpenTurn:
         """Reserve a conversation for one turn (409 while another turn runs); None starts a new one."""
         if conversation_id is None:
-            return OpenTurn(uuid.uuid4().hex, [], None)
+            return OpenTurn(new_conversation_id(), [], None)
         lease, now = uuid.uuid4().hex, time.time()
         taking = asyncio.ensure_future(self._write_op(take_lease, conversation_id, lease, now, now + self._lease_s))
         try:

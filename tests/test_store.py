@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -108,10 +109,15 @@ async def test_detail_carries_usage_and_tool_call_ids(store: ConversationStore) 
     assert detail.messages[1].tool_calls == [CALL]
 
 
-async def test_conversation_ids_are_random_uuid4_hex(store: ConversationStore) -> None:
-    ids = {(await store.open_turn(None)).conversation_id for _ in range(20)}
-    assert len(ids) == 20
-    assert all(len(conversation_id) == 32 and int(conversation_id, 16) >= 0 for conversation_id in ids)
+async def test_conversation_ids_are_random_hex_that_grows_with_time(store: ConversationStore) -> None:
+    """Unguessable (80 random bits after the time) and ordered by creation, for the index's sake."""
+    first = [(await store.open_turn(None)).conversation_id for _ in range(20)]
+    await asyncio.sleep(0.002)
+    later = (await store.open_turn(None)).conversation_id
+    assert len(set(first)) == 20
+    assert all(re.fullmatch(r"[0-9a-f]{32}", conversation_id) for conversation_id in [*first, later])
+    assert len({conversation_id[12:] for conversation_id in first}) == 20
+    assert later > max(first)
 
 
 async def test_unknown_ids_are_not_found_everywhere(store: ConversationStore) -> None:
