@@ -22,7 +22,6 @@ import re
 import secrets
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
+from types import TracebackType
 from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
@@ -578,17 +578,53 @@ class StreamAssembler:
         return Completion("".join(self.content), calls, self.finish_reason, self.usage)
 
 
-@contextmanager
-def translate_transport_errors(url: str) -> Iterator[None]:
-    """Foreign exceptions stop here: what reaches the agent is an LLMError."""
-    try:
-        yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-        raise LLMError(f"vLLM is not reachable at {url}: {exc}") from exc
-    except httpx.TimeoutException as exc:
-        raise LLMTimeout(f"vLLM at {url} did not answer in time") from exc
-    except httpx.TransportError as exc:
-        raise LLMError(f"the connection to vLLM at {url} failed: {exc}") from exc
+class TransportErrors:
+    """`with` it: httpx's exceptions stop here, and what reaches the agent is an LLMError.
+
+    One instance per client, entered several times a call: a @contextmanager would build a generator
+    every time.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            raise LLMError(f"vLLM is not reachable at {self.url}: {exc}") from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise LLMTimeout(f"vLLM at {self.url} did not answer in time") from exc
+        if isinstance(exc, httpx.TransportError):
+            raise LLMError(f"the connection to vLLM at {self.url} failed: {exc}") from exc
+
+
+class ConcurrencySlots:
+    """`async with` it: one of VLLM_MAX_CONCURRENCY slots, waited for at most VLLM_QUEUE_TIMEOUT_S.
+
+    A class rather than an @asynccontextmanager: entered once per vLLM call, it builds nothing per use.
+    """
+
+    def __init__(self, slots: int, queue_timeout_s: float) -> None:
+        self._slots = asyncio.Semaphore(slots)
+        self._queue_timeout_s = queue_timeout_s
+
+    async def __aenter__(self) -> None:
+        try:
+            if self._slots.locked():  # only a wait needs the timer; a free slot is taken without one
+                async with asyncio.timeout(self._queue_timeout_s):
+                    await self._slots.acquire()
+            else:
+                await self._slots.acquire()
+        except TimeoutError:
+            raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
+                           retry_after_s=max(1, round(self._queue_timeout_s))) from None
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        self._slots.release()
 
 
 def error_for_status(status: int, body: bytes) -> LLMError:
@@ -629,23 +665,28 @@ class VLLMClient:
                               *((name.encode(), value.encode()) for name, value in self._headers.items())]
         self._max_model_len: int | None = None
         self._max_model_len_asked_at: float | None = None
-        self._slots = asyncio.Semaphore(settings.vllm_max_concurrency)
-        self._queue_timeout_s = settings.vllm_queue_timeout_s
+        self._slot = ConcurrencySlots(settings.vllm_max_concurrency, settings.vllm_queue_timeout_s)
+        self._transport_errors = TransportErrors(settings.vllm_base_url)
         self._retries = settings.vllm_max_retries
         self._backoff_s = settings.vllm_retry_backoff_s
 
     async def complete(self, payload: dict[str, Any]) -> Completion:
         """One non-streaming chat completion."""
-        async with self._open({**payload, "model": self.model}) as response:
-            with translate_transport_errors(self.base_url):
-                body = await read_body(response)
+        async with self._slot:
+            response = await self._post(encode_body({**payload, "model": self.model}))
+            try:
+                with self._transport_errors:
+                    body = await read_body(response)
+            finally:
+                await response.aclose()
         return read_completion(body)
 
     async def stream(self, payload: dict[str, Any]) -> AsyncIterator[str | Completion]:
         """Stream a chat completion: text pieces as they arrive, then the assembled Completion."""
         request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         assembler = StreamAssembler()
-        async with self._open(request) as response:
+        async with self._slot:
+            response = await self._post(encode_body(request))
             try:
                 pending = b""
                 async for chunk in response.stream:
@@ -661,6 +702,8 @@ class VLLMClient:
                 raise LLMTimeout(f"vLLM at {self.base_url} stopped sending in the middle of a reply") from exc
             except httpx.TransportError as exc:
                 raise LLMError(STREAM_CUT) from exc
+            finally:
+                await response.aclose()
         if not assembler.done:
             raise LLMError(STREAM_CUT)
         yield assembler.completion()
@@ -702,63 +745,44 @@ class VLLMClient:
             return False
         return response.status_code == 200
 
-    @asynccontextmanager
-    async def _open(self, payload: dict[str, Any]) -> AsyncIterator[httpx.Response]:
-        """POST within a concurrency slot, with retries on connection errors and 5xx; yield the 200 response."""
-        content = encode_body(payload)
-        async with self._slot():
-            for attempt in range(self._retries + 1):
-                retry = attempt < self._retries
-                try:
-                    response = await self._send(content)
-                except LLMTimeout:
-                    raise
-                except LLMError:
-                    if not retry:
-                        raise
-                else:
-                    if response.status_code == 200:
-                        break
-                    with translate_transport_errors(self.base_url):
-                        body = await read_body(response)
-                    if not (retry and response.status_code >= 500):
-                        raise error_for_status(response.status_code, body)
-                logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
-                await asyncio.sleep(self._backoff_s * 2**attempt)
+    async def _post(self, content: bytes) -> httpx.Response:
+        """POST a chat completion, retrying connection errors and 5xx; the 200 response, for the caller to close."""
+        attempt = 0
+        while True:
+            last = attempt == self._retries
             try:
-                yield response
-            finally:
-                await response.aclose()
-
-    @asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """Hold one of VLLM_MAX_CONCURRENCY slots; wait at most VLLM_QUEUE_TIMEOUT_S for it."""
-        try:
-            if self._slots.locked():  # only a wait needs the timer; a free slot is taken without one
-                async with asyncio.timeout(self._queue_timeout_s):
-                    await self._slots.acquire()
+                response = await self._send(content)
+            except LLMTimeout:
+                raise
+            except LLMError:
+                if last:
+                    raise
             else:
-                await self._slots.acquire()
-        except TimeoutError:
-            raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
-                           retry_after_s=max(1, round(self._queue_timeout_s))) from None
-        try:
-            yield
-        finally:
-            self._slots.release()
+                if response.status_code == 200:
+                    return response
+                try:
+                    with self._transport_errors:
+                        body = await read_body(response)
+                finally:
+                    await response.aclose()
+                if last or response.status_code < 500:
+                    raise error_for_status(response.status_code, body)
+            logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
+            await asyncio.sleep(self._backoff_s * 2**attempt)
+            attempt += 1
 
     async def _send(self, content: bytes) -> httpx.Response:
         headers = [*self._chat_headers, (b"content-length", str(len(content)).encode())]
         request = httpx.Request("POST", self._chat_url, headers=headers, stream=httpx.ByteStream(content),
                                 extensions=self._timeout)
         request.read()  # a stream Request is unread until then; transports and mocks read .content
-        with translate_transport_errors(self.base_url):
+        with self._transport_errors:
             return await self._transport.handle_async_request(request)
 
 
 def new_call_id() -> str:
     """A tool-call id in vLLM's style, for calls that arrived without one."""
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+    return f"chatcmpl-tool-{secrets.token_hex(16)}"
 
 
 # --- 5. Parsing ---
@@ -1274,7 +1298,7 @@ class ConversationStore:
         """Reserve a conversation for one turn (409 while another turn runs); None starts a new one."""
         if conversation_id is None:
             return OpenTurn(new_conversation_id(), [], None)
-        lease, now = uuid.uuid4().hex, time.time()
+        lease, now = secrets.token_hex(16), time.time()
         taking = asyncio.ensure_future(self._write_op(take_lease, conversation_id, lease, now, now + self._lease_s))
         try:
             history = await asyncio.shield(taking)
@@ -2008,7 +2032,7 @@ class RequestContextMiddleware:
             return
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if REQUEST_ID_PATTERN.match(incoming) else secrets.token_hex(16)
         token = REQUEST_ID.set(request_id)
         started, status = time.perf_counter(), None
 

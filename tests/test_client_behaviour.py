@@ -185,7 +185,7 @@ async def test_a_request_beyond_the_limit_waits_in_the_queue_for_a_free_slot(
     """Only the semaphore knows that a turn waits: asyncio.Semaphore keeps its waiters in `_waiters`."""
     fake_vllm.script(Reply(text=LONG_ANSWER, fault="stall"))
     async with live_server(vllm_base_url=fake_vllm.url, vllm_max_concurrency=1, vllm_queue_timeout_s=30) as server:
-        slots = server.app.state.agent.llm._slots
+        slots = server.app.state.agent.llm._slot._slots
         holder = asyncio.create_task(read_until(http, server.url, {"content": "hold the slot"}, "done"))
         await poll(lambda: fake_vllm.open_streams == 1, "the first turn holds the only slot")
         queued = asyncio.create_task(http.post(f"{server.url}/api/v1/chat", json={"content": "queued"}))
