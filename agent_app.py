@@ -39,7 +39,7 @@ from fastapi import Path as FastAPIPath
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
@@ -1854,9 +1854,6 @@ CHAT_RESPONSE_JSON = TypeAdapter(ChatResponse)  # a DoneEvent through it loses `
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.-]+\+)?json")
-bearer_scheme = HTTPBearer(auto_error=False, description="The service's API_KEY, when it is set.")
-
-
 async def get_agent(request: Request) -> Agent:
     """Async on purpose: FastAPI runs a plain `def` dependency in a worker thread."""
     return request.app.state.agent
@@ -1865,16 +1862,25 @@ async def get_agent(request: Request) -> Agent:
 AgentDep = Annotated[Agent, Depends(get_agent)]
 
 
-async def require_api_key(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
-) -> None:
-    """With API_KEY set, every /api/v1 route but /health needs `Authorization: Bearer <key>`."""
-    expected: bytes | None = request.app.state.api_key
-    if expected is None:
-        return
-    given = credentials.credentials.encode() if credentials is not None else b""
-    if not hmac.compare_digest(given, expected):
-        raise Unauthorized("missing or wrong API key: send the header Authorization: Bearer <API_KEY>")
+class APIKeyBearer(HTTPBearer):
+    """With API_KEY set, every /api/v1 route but /health needs `Authorization: Bearer <key>`.
+
+    The check is the security scheme itself, so /docs still offers "Authorize" and a request solves one
+    dependency for it, not two (a dependency level was ~1% of a turn's CPU).
+    """
+
+    async def __call__(self, request: Request) -> None:
+        expected: bytes | None = request.app.state.api_key
+        if expected is None:
+            return
+        credentials = await super().__call__(request)
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, expected):
+            raise Unauthorized("missing or wrong API key: send the header Authorization: Bearer <API_KEY>")
+
+
+require_api_key = APIKeyBearer(auto_error=False, scheme_name="HTTPBearer",
+                               description="The service's API_KEY, when it is set.")
 
 
 async def open_chat_turn(body: ChatRequest, agent: Agent) -> OpenTurn:
