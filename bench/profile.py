@@ -47,7 +47,7 @@ AREAS = [
 # Any frame on the stack -> part of the service (inclusive time; the parts nest in the request path).
 PARTS = [
     ("request middleware (request id, access log, body cap)", ("RequestContextMiddleware.",)),
-    ("Agent turn (everything below the endpoint)", ("Agent.run_turn",)),
+    ("Agent turn (everything below the endpoint)", ("Agent.answer", "Agent.run_turn")),
     ("vLLM calls (VLLMClient)", ("VLLMClient.",)),
     ("tools (ToolRegistry)", ("ToolRegistry.",)),
     ("store (ConversationStore, SQLiteWriter)", ("ConversationStore.", "SQLiteWriter.")),
