@@ -49,6 +49,7 @@ class Tool:
     function: Callable[..., Any]
     arguments_model: type[pydantic.BaseModel]
     parameters: dict[str, Any]
+    is_async: bool  # asked once, at registration, not on every call
 
     def openai_schema(self) -> dict[str, Any]:
         """The tool in the shape the OpenAI-compatible `tools` request field expects."""
@@ -195,7 +196,7 @@ class ToolRegistry:
         except (pydantic.PydanticUserError, pydantic.PydanticSchemaGenerationError, NameError) as exc:
             raise ToolDefinitionError(f"@tool {name}: cannot build an arguments schema: {exc}") from exc
         schema.setdefault("required", [])
-        self._tools[name] = Tool(name, _summary(doc), function, model, schema)
+        self._tools[name] = Tool(name, _summary(doc), function, model, schema, inspect.iscoroutinefunction(function))
         self._schemas = None
         return function
 
@@ -236,13 +237,13 @@ class ToolRegistry:
         if tool is None:
             raise _CallError(f"unknown tool {name!r}; available tools: {', '.join(self._tools) or 'none'}")
         try:
-            kwargs = dict(tool.arguments_model.model_validate(arguments))
+            kwargs = dict(iter(tool.arguments_model.model_validate(arguments)))  # dict(model) probes .keys()
         except pydantic.ValidationError as exc:
             raise _CallError(_validation_message(name, exc)) from None
         deadline = asyncio.timeout(timeout_s)
         try:
             async with deadline:
-                if inspect.iscoroutinefunction(tool.function):
+                if tool.is_async:
                     value = await tool.function(**kwargs)
                 else:
                     value = await asyncio.to_thread(tool.function, **kwargs)
