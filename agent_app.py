@@ -431,8 +431,10 @@ class EncodedJson(str):
 
 def encode_body(payload: dict[str, Any]) -> bytes:
     """The request body as JSON, EncodedJson values included as they are."""
-    fields = (f"{JSON_ENCODER.encode(key)}:{value if isinstance(value, EncodedJson) else JSON_ENCODER.encode(value)}"
-              for key, value in payload.items())
+    fields = []
+    for key, value in payload.items():
+        text = value if isinstance(value, EncodedJson) else JSON_ENCODER.encode(value)
+        fields.append(f"{JSON_ENCODER.encode(key)}:{text}")
     return f"{{{','.join(fields)}}}".encode()
 
 
@@ -1034,7 +1036,7 @@ def new_conversation_id() -> str:
 
     Ids that grow with time are added at the end of the primary-key indexes, so a batch of new
     conversations writes a few index pages instead of one page per conversation and table at random
-    places (4% less CPU per stored turn, bench/README.md). 80 random bits keep them unguessable.
+    places (about 4% of a turn's CPU, bench/README.md). 80 random bits keep them unguessable.
     """
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
@@ -1854,6 +1856,8 @@ CHAT_RESPONSE_JSON = TypeAdapter(ChatResponse)  # a DoneEvent through it loses `
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.-]+\+)?json")
+
+
 async def get_agent(request: Request) -> Agent:
     """Async on purpose: FastAPI runs a plain `def` dependency in a worker thread."""
     return request.app.state.agent
