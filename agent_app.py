@@ -2100,7 +2100,7 @@ class JsonLogFormatter(logging.Formatter):
                  "request_id": REQUEST_ID.get(), "message": record.getMessage()}
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        return JSON_ENCODER.encode(entry)
 
 
 access_logger = logging.getLogger("agent_app.access")
