@@ -1,39 +1,43 @@
-"""Gradio chat page at /ui: the agent the API uses, called in-process, with its tool calls shown as they run.
+"""Gradio chat page at /ui: the agent the API uses, called in-process, with its thinking and tool calls shown live.
 
-  1. Formatting  pure functions: tool calls -> collapsible messages; stored messages -> the chat
+  1. Formatting  pure functions: thinking and tool calls -> collapsible messages; stored messages -> the chat
   2. Handlers    ChatUI: the page's event handlers over `app.state.agent` (made by the app's lifespan)
-  3. Page        build_page(): layout and event wiring; mount_ui() mounts it with auth and an offline theme
+  3. Page        build_page(): a gr.ChatInterface under a header; mount_ui() mounts it with auth and an offline theme
+
+`gr.ChatInterface` runs the turns: it shows the message at once, streams `ChatUI.respond`, runs the examples,
+locks the input meanwhile, and keeps the chat it shows as the history it hands `respond`. Stop is the page's
+own button, not ChatInterface's: that one cancels the handler, which can then send nothing more, and no event
+after a cancel is ordered after ChatInterface's own copy of the chat, so a stopped turn's note could vanish at
+the next turn. Here the agent's events come through a task that Stop cancels, which closes the upstream vLLM
+request, and `respond` ends the turn itself: spinners stopped, a note that the turn was not saved. The agent
+writes a turn only when it completes, so the stored conversation is as it was.
 
 One conversation per tab, kept across reloads: the page keeps the tab's conversation id in the browser's
 sessionStorage, which belongs to one tab and survives a reload (localStorage, and so `gr.BrowserState`, is
 shared by every tab of the browser: a second tab would open the first one's conversation, and Gradio's
 BrowserState never writes an empty value, so "New conversation" could not clear it). On load a small JS
 hook hands that id to `ChatUI.restore`, which rebuilds the chat from the store; an unknown id (deleted, or
-another database) starts a fresh conversation. The id is only written once a turn has been stored.
-
-Stop cancels the Gradio event: the handler's task is cancelled, `run_turn` is closed, and so is the
-upstream vLLM request. The agent writes a turn only when it completes, so a stopped turn leaves the stored
-conversation as it was; the page says so and stops any spinner.
+another database) starts a fresh conversation. The id goes to `respond` and back as ChatInterface's additional
+input and output, and changes only once a turn has been stored. Outside a turn, the chat changes only through
+ChatInterface's `chatbot_value`, which it keeps in step with the history it hands `respond`.
 """
 
+import asyncio
 import html
 import json
-import logging
 import re
 import secrets
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
-from dataclasses import dataclass
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import replace
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
-from gradio.events import Dependency
 
 if TYPE_CHECKING:
-    from agent_app import Agent, AgentError, Settings, StreamEvent
-
-logger = logging.getLogger(__name__)
+    from agent_app import Agent, ErrorEvent, Settings, StreamEvent
 
 # --- 1. Formatting ---
 
@@ -41,12 +45,14 @@ EXAMPLES = ["What is 2**16 / 7?", "What time is it in Seoul and in New York?"]
 TITLE_VALUE_CHARS = 40
 INLINE_VALUE_CHARS = 80
 MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>&|~#])")  # what can mark up text in the middle of a line
+THINKING_TITLE = "Thinking"
+PLACEHOLDER = "Ask the agent…"
+BUSY_PLACEHOLDER = "The agent is working… Stop cancels the turn."
 STOPPED_NOTE = "*Stopped. This turn was not saved, so the agent will not remember it.*"
-INTERNAL_ERROR = "Something went wrong on the server; the service log has the details."
-QUEUE_POLL_S = 0.01
-PROGRESS_POLL_S = 0.1
+RESTARTED_NOTE = "*This conversation had been deleted, so the agent answered in a new one without the messages above.*"
 
-Shown = dict[str, Any] | gr.ChatMessage  # a message as the Chatbot hands it in, or one we made
+Shown = dict[str, Any]  # a chat message as Gradio hands it to a handler
+Update = dict[str, Any]  # what gr.skip() returns: leave that output as it is
 
 
 def escape_markdown(text: str) -> str:
@@ -109,6 +115,11 @@ def tool_message(name: str, arguments: dict[str, Any], *, result: str | None = N
     return gr.ChatMessage(content="\n\n".join(parts), metadata=metadata)
 
 
+def thinking_message(text: str, *, done: bool) -> gr.ChatMessage:
+    """A step's thinking as a collapsible message: open, with a spinner, while it streams; collapsed once done."""
+    return gr.ChatMessage(content=text, metadata={"title": THINKING_TITLE, "status": "done" if done else "pending"})
+
+
 def stored_arguments(raw: str) -> dict[str, Any]:
     """A stored call's arguments; the agent always stores a JSON object, anything else is shown as is."""
     try:
@@ -126,6 +137,8 @@ def messages_from_store(stored: list[dict[str, Any]]) -> list[gr.ChatMessage]:
         if message["role"] == "user":
             shown.append(gr.ChatMessage(role="user", content=message["content"]))
         elif message["role"] == "assistant":
+            if (message.get("reasoning") or "").strip():
+                shown.append(thinking_message(message["reasoning"].strip(), done=True))
             if message.get("content"):
                 shown.append(gr.ChatMessage(content=message["content"]))
             for call in message.get("tool_calls") or []:
@@ -142,9 +155,15 @@ class TurnView:
     def __init__(self) -> None:
         self.messages: list[gr.ChatMessage] = []
         self._calls: dict[str, tuple[int, dict[str, Any]]] = {}
+        self._thinking: int | None = None  # where the step's Thinking message is, while it streams
 
     def apply(self, event: "StreamEvent") -> None:
-        """Fold one event in: text grows the answer, a call adds a pending message, a result settles it."""
+        """Fold one event in: thinking and text grow their messages, a call adds a pending message, a result
+        settles it. Any event but thinking ends the step's thinking; `done` and `error` add nothing else."""
+        if event.type == "reasoning":
+            self.add_thinking(event.content)
+            return
+        self.end_thinking()
         if event.type == "token":
             self.add_text(event.content)
         elif event.type == "tool_call":
@@ -155,6 +174,22 @@ class TurnView:
             self.messages[index] = tool_message(event.name, arguments, result=event.result, error=event.error,
                                                 duration_s=event.duration_s)
 
+    def add_thinking(self, text: str) -> None:
+        """Continue the step's thinking, or open a Thinking message for it (blank lines before it not shown)."""
+        if self._thinking is not None:
+            so_far = self.messages[self._thinking].content
+            self.messages[self._thinking] = thinking_message(f"{so_far}{text}", done=False)
+        elif text.strip():
+            self._thinking = len(self.messages)
+            self.messages.append(thinking_message(text.lstrip(), done=False))
+
+    def end_thinking(self) -> None:
+        """Collapse the step's Thinking message: the step has moved on to its answer or calls, or the turn ended."""
+        if self._thinking is not None:
+            text = str(self.messages[self._thinking].content)
+            self.messages[self._thinking] = thinking_message(text.rstrip(), done=True)
+            self._thinking = None
+
     def add_text(self, text: str) -> None:
         """Continue the answer, or start a new one after tool calls (the agent's blank line not shown)."""
         last = self.messages[-1] if self.messages else None
@@ -162,6 +197,10 @@ class TurnView:
             self.messages[-1] = gr.ChatMessage(content=f"{last.content}{text}")
         elif text.strip():
             self.messages.append(gr.ChatMessage(content=text.lstrip()))
+
+    def add_note(self, text: str) -> None:
+        """A line of its own after what the turn has shown, such as why it failed."""
+        self.messages.append(gr.ChatMessage(content=text))
 
 
 def header_html(model: str, url: str, reachable: bool | None, tools: list[str]) -> str:
@@ -177,7 +216,18 @@ def header_html(model: str, url: str, reachable: bool | None, tools: list[str]) 
     )
 
 
+def mark_stopped(messages: list[gr.ChatMessage]) -> list[gr.ChatMessage]:
+    """A turn cut short by Stop: no spinner keeps turning, and the chat says the turn was not saved."""
+    shown = [replace(message, metadata={**message.metadata, "status": "done",
+                                        "title": f"{message.metadata['title']} · stopped"})
+             if message.metadata.get("status") == "pending" else message for message in messages]
+    return [*shown, gr.ChatMessage(content=STOPPED_NOTE)]
+
+
 # --- 2. Handlers ---
+
+TurnUpdate = tuple[list[gr.ChatMessage], str, bool]  # the turn's messages, conversation id, whether it runs on
+Relayed = asyncio.Queue["StreamEvent | None"]
 
 
 class ChatUI:
@@ -185,67 +235,118 @@ class ChatUI:
 
     def __init__(self, app: FastAPI) -> None:
         self._app = app
+        self._relays: dict[str, asyncio.Task[None]] = {}  # a running turn's, by Gradio session (one tab)
 
     @property
     def agent(self) -> "Agent":
         """Looked up per call: the lifespan creates the agent after the page is built."""
         return self._app.state.agent
 
-    async def respond(self, message: str, history: list[Shown],
-                      conversation_id: str) -> AsyncIterator[tuple[list[Shown], str]]:
-        """Run one turn; `history` already ends with `message`, shown by the page the moment it was sent.
+    @staticmethod
+    def agent_app() -> ModuleType:
+        """The agent's module, imported on first use: it imports this module at its top, so this one cannot."""
+        import agent_app
 
-        Yields the chat and the tab's conversation id, which changes only once the turn is stored.
+        return agent_app
+
+    def turn_events(self, conversation_id: str, content: str, thinking: bool | None) -> AsyncIterator["StreamEvent"]:
+        """One turn's events as the API streams them, a failure included as the last, `error`, event.
+
+        The page's only call into the agent's turn API, which is changing: a change to it is a change here.
+        `thinking` (None: the model's default) has nowhere to go in today's API and is not sent yet.
         """
-        from agent_app import AgentError, ConversationNotFound  # not at the top: agent_app imports this module
+        api = self.agent_app()
 
-        limit = self.agent.settings.max_content_chars
-        if not message.strip():
-            yield history, conversation_id
-            return
-        if len(message) > limit:
-            warning = f"⚠ Your message is {len(message)} characters long; the limit is {limit}."
-            yield [*history, gr.ChatMessage(content=warning)], conversation_id
-            return
-        view = TurnView()
-        try:
+        async def events() -> AsyncIterator["StreamEvent"]:
+            limit = self.agent.settings.max_content_chars
+            if len(content) > limit:
+                raise api.ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}")
             try:
                 turn = await self.agent.open_turn(conversation_id or None)
-            except ConversationNotFound:  # deleted through the API since this tab showed it: start afresh
-                history, turn = history[-1:], await self.agent.open_turn(None)
-            async with aclosing(self.agent.run_turn(turn, message, stream=True)) as events:
-                async for event in events:
-                    view.apply(event)
-                    if event.type == "done":
-                        conversation_id = event.conversation_id
-                    yield [*history, *view.messages], conversation_id
-            return
-        except AgentError as exc:
-            view.add_text(f"⚠ {await self.explain(exc)}")
-        except Exception:
-            logger.exception("unexpected error in a chat turn")
-            view.add_text(f"⚠ {INTERNAL_ERROR}")
-        yield [*history, *view.messages], conversation_id
+            except api.ConversationNotFound:  # deleted through the API since this tab showed it: start afresh
+                turn = await self.agent.open_turn(None)
+            async with aclosing(self.agent.run_turn(turn, content, stream=True)) as stream:
+                async for event in stream:
+                    yield event
 
-    async def explain(self, exc: "AgentError") -> str:
-        """The agent's message, or how to start vLLM when that is why the turn failed."""
-        from agent_app import LLMError  # not at the top: agent_app imports this module
+        return api.with_error_event(events())
 
-        if isinstance(exc, LLMError) and not await self.agent.llm.is_reachable():
+    async def respond(self, message: str, _history: list[Shown], conversation_id: str, thinking: bool,
+                      thinking_offered: bool, request: gr.Request) -> AsyncIterator[TurnUpdate]:
+        """ChatInterface's fn: the messages the turn adds, as they grow (the agent has the history in its store).
+
+        With them go the tab's conversation id, which changes once the turn is stored, and whether the turn runs
+        on. A turn cut short by Stop ends here too, so ChatInterface keeps the chat that says so.
+        """
+        view = TurnView()
+        yield [], conversation_id, True
+        choice = thinking if thinking_offered else None
+        over = False
+        async with self.relayed(request.session_hash, self.turn_events(conversation_id, message, choice)) as events:
+            while (event := await events.get()) is not None:
+                view.apply(event)
+                if event.type == "done":
+                    if conversation_id and event.conversation_id != conversation_id:
+                        view.add_note(RESTARTED_NOTE)
+                    conversation_id = event.conversation_id
+                elif event.type == "error":
+                    view.add_note(f"⚠ {await self.explain(event)}")
+                over = event.type in ("done", "error")
+                yield list(view.messages), conversation_id, not over
+        if not over:
+            yield mark_stopped(view.messages), conversation_id, False
+
+    @asynccontextmanager
+    async def relayed(self, tab: str, events: AsyncIterator["StreamEvent"]) -> AsyncIterator[Relayed]:
+        """The turn's events, relayed by a task that Stop cancels, as is the task when ChatInterface cancels the
+        handler (the tab went away); None comes last, however the relay ended."""
+        queue: Relayed = asyncio.Queue()
+        relay = self._relays[tab] = asyncio.create_task(self.relay(events, queue))
+        relay.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            yield queue
+        finally:
+            relay.cancel()
+            if self._relays.get(tab) is relay:  # an example clicked after the trash icon runs a second turn
+                del self._relays[tab]
+
+    @staticmethod
+    async def relay(events: AsyncIterator["StreamEvent"], queue: Relayed) -> None:
+        """The task that Stop cancels: it moves the turn's events into the queue `respond` reads."""
+        async with aclosing(events):
+            async for event in events:
+                queue.put_nowait(event)
+
+    def stop(self, request: gr.Request) -> None:
+        """Stop: cancel the tab's turn, which closes its vLLM request; `respond` then ends it as stopped."""
+        relay = self._relays.get(request.session_hash)
+        if relay is not None:
+            relay.cancel()
+
+    async def turn_changed(self, running: bool) -> tuple[gr.Button, gr.Button, str | Update, gr.Textbox]:
+        """While a turn runs, Stop takes New conversation's place and the locked input says why; after it, the header
+        says how vLLM is now. (ChatInterface locks and unlocks the input, and blanks its placeholder.)"""
+        header = gr.skip() if running else await self.header()
+        placeholder = BUSY_PLACEHOLDER if running else PLACEHOLDER
+        return gr.Button(visible=running), gr.Button(visible=not running), header, gr.Textbox(placeholder=placeholder)
+
+    async def explain(self, error: "ErrorEvent") -> str:
+        """The error's detail, or how to start vLLM when that is why the turn failed."""
+        if error.status in (502, 504) and not await self.agent.llm.is_reachable():
             settings = self.agent.settings
             return (f"vLLM is not reachable at {self.agent.llm.base_url} — start it with `vllm serve "
                     f"{settings.vllm_model} --enable-auto-tool-choice --tool-call-parser hermes`")
-        return str(exc)
+        if error.status == 500:
+            return f"{error.detail}; the service log has the details."
+        return error.detail
 
     async def restore(self, conversation_id: str) -> tuple[list[gr.ChatMessage], str]:
         """On page load: the tab's stored conversation, or a fresh one when the id is unknown."""
-        from agent_app import ConversationNotFound  # not at the top: agent_app imports this module
-
         if not conversation_id:
             return [], ""
         try:
             stored = await self.agent.store.load_messages(conversation_id)
-        except ConversationNotFound:
+        except self.agent_app().ConversationNotFound:
             return [], ""
         return messages_from_store(stored), conversation_id
 
@@ -256,19 +357,15 @@ class ChatUI:
         return header_html(agent.settings.vllm_model, agent.llm.base_url, reachable,
                            [tool.name for tool in agent.registry.tools])
 
-    @staticmethod
-    def mark_stopped(history: list[Shown]) -> list[Shown]:
-        """After Stop: no spinner keeps turning, and the chat says the turn was not saved."""
-        if not history:
-            return history
-        shown: list[Shown] = []
-        for message in history:
-            metadata = (message.get("metadata") or {}) if isinstance(message, dict) else message.metadata
-            if metadata.get("status") == "pending":
-                message = {**message, "metadata": {**metadata, "status": "done",
-                                                   "title": f"{metadata['title']} · stopped"}}
-            shown.append(message)
-        return [*shown, gr.ChatMessage(content=STOPPED_NOTE)]
+    async def model_thinks(self) -> bool:
+        """Whether the served model thinks before it answers; an agent that cannot tell says it does not."""
+        model_thinks = getattr(self.agent, "model_thinks", None)
+        return model_thinks is not None and await model_thinks()
+
+    async def thinking_toggle(self) -> tuple[gr.Checkbox, bool]:
+        """On load: the Thinking toggle, shown only for a model that thinks, and whether it is shown."""
+        offered = await self.model_thinks()
+        return gr.Checkbox(visible=offered), offered
 
 
 # --- 3. Page ---
@@ -294,93 +391,60 @@ CSS = """
 .agent-status.down { color: #b91c1c; }
 .agent-status.checking { color: var(--body-text-color-subdued); }
 .agent-tools { color: var(--body-text-color-subdued); font-size: 0.85rem; margin-top: 0.15rem; }
-#new-conversation { align-self: center; }
+#new-conversation, #stop-turn, #thinking { align-self: center; }
+#thinking { flex: 0 0 auto !important; width: max-content !important; }  /* as wide as its label, not a column */
 #chat .thought-group .title { font-family: var(--font-mono); font-size: 0.8rem; color: var(--body-text-color); }
+#chat { flex-basis: 0 !important; }  /* the chat scrolls, rather than grow and push the input below the fold */
+/* ChatInterface offers these, but the agent keeps every turn it has stored: the page would show one thing and
+   the agent remember another */
+#chat button[aria-label="Retry"], #chat button[aria-label="Undo"] { display: none; }
 """
 
 
-def idle_textbox() -> gr.Textbox:
-    return gr.Textbox(interactive=True, submit_btn=True, stop_btn=False, placeholder="Ask the agent…")
-
-
-def busy_textbox() -> gr.Textbox:
-    return gr.Textbox(value="", interactive=False, submit_btn=False, stop_btn=True,
-                      placeholder="The agent is working… Stop cancels the turn.")
-
-
-def start(text: str, history: list[Shown]) -> tuple[gr.Textbox, str, gr.Button, list[Shown]]:
-    """Show the message at once and lock the input; the turn itself then runs in the queue."""
-    if not text.strip():
-        return idle_textbox(), text, gr.Button(), history
-    return busy_textbox(), text, gr.Button(interactive=False), [*history, gr.ChatMessage(role="user", content=text)]
-
-
-def pick(history: list[Shown], example: gr.SelectData) -> tuple[gr.Textbox, str, gr.Button, list[Shown]]:
-    """An example prompt is sent as if typed."""
-    return start(example.value["text"], history)
-
-
-@dataclass(frozen=True)
-class Widgets:
-    """The page's components, named for the wiring."""
-
-    conversation: gr.Textbox
-    message: gr.State
-    header: gr.HTML
-    new: gr.Button
-    chatbot: gr.Chatbot
-    textbox: gr.Textbox
-
-
-def layout(settings: "Settings") -> Widgets:
-    """Header with the New conversation button, the chat with its examples, one input box."""
-    conversation = gr.Textbox(visible=False)  # the tab's conversation id, mirrored into sessionStorage
-    message = gr.State("")
-    with gr.Row(equal_height=True):
-        header = gr.HTML(header_html(settings.vllm_model, settings.vllm_base_url, None, []), scale=1)
-        new = gr.Button("New conversation", size="sm", variant="secondary", scale=0, min_width=160,
-                        elem_id="new-conversation")
-    chatbot = gr.Chatbot(
-        elem_id="chat", show_label=False, scale=1, height=None, min_height=300, layout="bubble", buttons=["copy"],
-        feedback_options=None, examples=[{"text": text} for text in EXAMPLES], latex_delimiters=[],
-        placeholder="**Ask anything.** The agent calls tools when they help, and shows each call as it runs.",
-    )
-    textbox = gr.Textbox(show_label=False, lines=1, max_lines=6, autofocus=True, submit_btn=True,
-                         max_length=settings.max_content_chars, placeholder="Ask the agent…")
-    return Widgets(conversation, message, header, new, chatbot, textbox)
-
-
-def wire_turn(started: Dependency, ui: ChatUI, w: Widgets) -> Dependency:
-    """After the input is taken: the streaming turn, then the idle input box; a stopped turn is marked."""
-    turn = started.then(ui.respond, [w.message, w.chatbot, w.conversation], [w.chatbot, w.conversation],
-                        concurrency_limit=None, show_progress="minimal", api_visibility="private")
-    turn.failure(ui.mark_stopped, [w.chatbot], [w.chatbot], queue=False, api_visibility="private")
-    finished = turn.then(lambda: (idle_textbox(), gr.Button(interactive=True)), None, [w.textbox, w.new],
-                         queue=False, api_visibility="private")
-    finished.then(ui.header, None, [w.header], concurrency_limit=None, api_visibility="private")
-    return turn
+def check_message(message: str) -> dict[str, Any]:
+    """ChatInterface's validator: a blank message is not sent (the API refuses one as well)."""
+    return gr.validate(bool(message.strip()), "Type a message first.")
 
 
 def build_page(ui: ChatUI, settings: "Settings") -> gr.Blocks:
-    """The chat page and its events; every event is private: the REST API is the API."""
+    """The header row above a ChatInterface that runs the turns; every event is private: the REST API is the API."""
     with gr.Blocks(title="vLLM Agent", fill_height=True, analytics_enabled=False) as page:
-        w = layout(settings)
-        taken = [w.textbox, w.message, w.new, w.chatbot]
-        turns = [
-            wire_turn(w.textbox.submit(start, [w.textbox, w.chatbot], taken, queue=False, api_visibility="private"),
-                      ui, w),
-            wire_turn(w.chatbot.example_select(pick, [w.chatbot], taken, queue=False, api_visibility="private"),
-                      ui, w),
-        ]
-        w.textbox.stop(None, None, None, cancels=turns, api_visibility="private")
-        w.new.click(lambda: ([], ""), None, [w.chatbot, w.conversation], queue=False, api_visibility="private")
-        # The trash icon empties the chat, so it starts a new conversation too; during a turn the stream
-        # puts the chat and its id back, which keeps the page and the store in step.
-        w.chatbot.clear(lambda: "", None, [w.conversation], queue=False, api_visibility="private")
-        w.conversation.change(None, [w.conversation], None, js=SAVE_TAB_CONVERSATION, api_visibility="private")
-        page.load(ui.restore, [w.conversation], [w.chatbot, w.conversation], js=READ_TAB_CONVERSATION,
+        conversation = gr.Textbox(visible=False)  # the tab's conversation id, mirrored into sessionStorage
+        running = gr.State(False)  # from a turn's first update to its last
+        thinking_offered = gr.State(False)
+        with gr.Row(equal_height=True):
+            header = gr.HTML(header_html(settings.vllm_model, settings.vllm_base_url, None, []), scale=1)
+            thinking = gr.Checkbox(True, label="Thinking", visible=False, container=False, elem_id="thinking")
+            stop = gr.Button("Stop", size="sm", variant="stop", visible=False, scale=0, min_width=160,
+                             elem_id="stop-turn")
+            new = gr.Button("New conversation", size="sm", variant="secondary", scale=0, min_width=160,
+                            elem_id="new-conversation")
+        chat = gr.ChatInterface(
+            ui.respond,
+            chatbot=gr.Chatbot(
+                elem_id="chat", show_label=False, scale=1, height=None, min_height=300, layout="bubble",
+                buttons=["copy"], feedback_options=None, latex_delimiters=[],
+                placeholder="**Ask anything.** The agent calls tools when they help, and shows each call as it runs.",
+            ),
+            textbox=gr.Textbox(label="Message", show_label=False, lines=1, max_lines=6, autofocus=True,
+                               submit_btn=True, stop_btn=False, max_length=settings.max_content_chars,
+                               placeholder=PLACEHOLDER),
+            additional_inputs=[conversation, thinking, thinking_offered],
+            additional_outputs=[conversation, running],
+            examples=[[text] for text in EXAMPLES], validator=check_message,
+            concurrency_limit=None, analytics_enabled=False, api_visibility="private",
+        )
+        stop.click(ui.stop, None, None, queue=False, api_visibility="private")
+        running.change(ui.turn_changed, [running], [stop, new, header, chat.textbox], concurrency_limit=None,
+                       api_visibility="private")
+        new.click(lambda: ([], ""), None, [chat.chatbot_value, conversation], api_visibility="private")
+        chat.chatbot.clear(lambda: "", None, [conversation], queue=False, api_visibility="private")
+        conversation.change(None, [conversation], None, js=SAVE_TAB_CONVERSATION, api_visibility="private")
+        page.load(ui.restore, [conversation], [chat.chatbot_value, conversation], js=READ_TAB_CONVERSATION,
                   concurrency_limit=None, api_visibility="private")
-        page.load(ui.header, None, [w.header], concurrency_limit=None, api_visibility="private")
+        page.load(ui.header, None, [header], concurrency_limit=None, api_visibility="private")
+        page.load(ui.thinking_toggle, None, [thinking, thinking_offered], concurrency_limit=None,
+                  api_visibility="private")
     return page
 
 
@@ -396,20 +460,10 @@ def api_key_check(settings: "Settings") -> Callable[[str, str], bool] | None:
     return check
 
 
-def poll_queue_less(page: gr.Blocks) -> gr.Blocks:
-    """Gradio's queue looks for work every 1 ms and for progress every 10 ms while idle (on Linux; 50 and
-    100 ms on Windows): an idle service spent 18 ms of CPU a second on it (6 ms with these values), and the
-    wakeups go on under API load. Gradio has no setting for it, so its two attributes are set here (a test
-    checks that Gradio still has them); a queued UI event may start up to QUEUE_POLL_S later."""
-    page._queue.sleep_when_free = QUEUE_POLL_S
-    page._queue.progress_update_sleep_when_free = PROGRESS_POLL_S
-    return page
-
-
 def mount_ui(app: FastAPI, settings: "Settings") -> None:
     """Mount the page at /ui; behind a login when API_KEY is set, so it is no way around the API's auth."""
     gr.mount_gradio_app(
-        app, poll_queue_less(build_page(ChatUI(app), settings)), path="/ui", auth=api_key_check(settings),
+        app, build_page(ChatUI(app), settings), path="/ui", auth=api_key_check(settings),
         auth_message="Sign in with any user name and the service's API key as the password.",
         footer_links=[], run_history=False, theme=THEME, css=CSS,
     )

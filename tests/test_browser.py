@@ -64,8 +64,13 @@ async def ask(page: Page, question: str) -> None:
     await page.keyboard.press("Enter")
 
 
+async def assert_input_above_the_fold(page: Page) -> None:
+    box = await page.get_by_placeholder("Ask the agent…").bounding_box()
+    assert box is not None and box["y"] + box["height"] <= VIEWPORT["height"]
+
+
 async def wait_until_idle(page: Page) -> None:
-    """The turn is over when Send is back in place of Stop."""
+    """The turn is over when Send is back in the input box."""
     await expect(page.get_by_test_id("submit-button")).to_be_visible(timeout=WAIT_MS)
 
 
@@ -77,8 +82,10 @@ async def test_chat_shows_tool_calls_and_survives_a_reload(
         hosts = watch_hosts(page)
         await page.goto(f"{server.url}/")
         await expect(page.get_by_text("vLLM reachable")).to_be_visible(timeout=WAIT_MS)
-        box = await page.get_by_placeholder("Ask the agent…").bounding_box()
-        assert box is not None and box["y"] + box["height"] <= VIEWPORT["height"]
+        await assert_input_above_the_fold(page)
+        await expect(page.get_by_label("Thinking")).to_be_hidden()  # the agent cannot tell that its model thinks
+        await ask(page, "  ")
+        await expect(page.get_by_text("Type a message first.")).to_be_visible()  # nothing sent: the examples stay
 
         await page.get_by_text("What is 2**16 / 7?").click()  # an example prompt runs at once
         await expect(page.get_by_text("The results: 9362.285714285714.")).to_be_visible(timeout=WAIT_MS)
@@ -92,6 +99,8 @@ async def test_chat_shows_tool_calls_and_survives_a_reload(
         await wait_until_idle(page)
         await calculator.click()  # open the call: its arguments and result are readable
         await expect(page.get_by_text("Result 9362.285714285714")).to_be_visible()
+        # the agent keeps every stored turn, so the page offers no Retry or Undo that would show otherwise
+        await expect(page.get_by_role("button", name=re.compile("^(Retry|Undo)$"))).to_have_count(0)
         await page.screenshot(path=artifacts / "ui-chat.png", animations="disabled")
 
         await page.reload()
@@ -115,23 +124,51 @@ async def test_chat_shows_tool_calls_and_survives_a_reload(
 
 
 async def test_stop_cancels_the_turn_on_the_server(browser: Browser, fake_vllm: FakeVLLM, live_server: Any) -> None:
-    fake_vllm.script(Reply(text="Once upon a time " * 100, token_delay_s=0.05))
+    long_answer = "Chapter one.\n\n" * 40
+    fake_vllm.script(long_answer, Reply(text="Once upon a time " * 100, token_delay_s=0.05), "The end.")
     async with live_server(vllm_base_url=fake_vllm.url) as server:
         page = await browser.new_page(viewport=VIEWPORT)
         await page.goto(f"{server.url}/ui/")
+        new_conversation = page.get_by_role("button", name="New conversation")
         await ask(page, "Tell me a long story")
-        await expect(page.get_by_text(re.compile("^Once upon a time"))).to_be_visible(timeout=WAIT_MS)
-        await page.get_by_test_id("stop-button").click()
-        await expect(page.get_by_text(STOPPED_NOTE.strip("*"))).to_be_visible(timeout=WAIT_MS)
+        await expect(page.get_by_text("Chapter one.").last).to_be_visible(timeout=WAIT_MS)
         await wait_until_idle(page)
+        await ask(page, "Another one")
+        await expect(page.get_by_text(re.compile("^Once upon a time"))).to_be_visible(timeout=WAIT_MS)
+        await expect(new_conversation).to_be_hidden()  # Stop takes its place while a turn runs
+        await page.get_by_role("button", name="Stop").click()
+        stopped = page.get_by_text(STOPPED_NOTE.strip("*"))
+        await expect(stopped).to_be_visible(timeout=WAIT_MS)
+        await wait_until_idle(page)
+        await expect(new_conversation).to_be_visible()
+        await assert_input_above_the_fold(page)  # the chat is taller than the page now, so it scrolls
         for _ in range(500):  # the fake sees the closed connection on a later turn of its loop
             if fake_vllm.disconnects:
                 break
             await asyncio.sleep(0.01)
-        stored = await server.app.state.agent.store.list_conversations(10, None)
+        await ask(page, "And then?")
+        await expect(page.get_by_text("The end.")).to_be_visible(timeout=WAIT_MS)
+        await expect(stopped).to_be_visible()  # the next turn keeps the stopped one as it was left
+        conversations = (await server.app.state.agent.store.list_conversations(10, None)).conversations
+        stored = await server.app.state.agent.store.load_messages(conversations[0].id)
         await page.close()
     assert fake_vllm.disconnects == 1
-    assert stored.conversations == []
+    assert [message["content"] for message in stored] == ["Tell me a long story", long_answer, "And then?", "The end."]
+
+
+async def test_thinking_toggle_shows_when_the_model_thinks(browser: Browser, fake_vllm: FakeVLLM,
+                                                           live_server: Any) -> None:
+    async def model_thinks() -> bool:
+        return True
+
+    async with live_server(vllm_base_url=fake_vllm.url) as server:
+        server.app.state.agent.model_thinks = model_thinks
+        page = await browser.new_page(viewport=VIEWPORT)
+        await page.goto(f"{server.url}/ui/")
+        toggle = page.get_by_label("Thinking")
+        await expect(toggle).to_be_visible(timeout=WAIT_MS)
+        await expect(toggle).to_be_checked()
+        await page.close()
 
 
 async def test_api_key_guards_the_page_and_gradios_api(fake_vllm: FakeVLLM, live_server: Any,

@@ -6,28 +6,40 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from itertools import accumulate
-from typing import Any
+from typing import Any, Literal
 
 import gradio as gr
 import pytest
 from fake_vllm import FakeVLLM, Reply, tokenize
+from pydantic import BaseModel
 
-from agent_app import create_app
+from agent_app import DoneEvent, ErrorEvent, TokenEvent, ToolCallEvent, ToolResultEvent, create_app
 from ui import (
-    PROGRESS_POLL_S,
-    QUEUE_POLL_S,
+    BUSY_PLACEHOLDER,
+    PLACEHOLDER,
+    RESTARTED_NOTE,
     STOPPED_NOTE,
     ChatUI,
+    TurnView,
+    check_message,
     code,
     header_html,
+    mark_stopped,
     messages_from_store,
-    poll_queue_less,
     short_arguments,
     tool_message,
 )
 
 UIFactory = Callable[..., Any]
 START_VLLM = "--enable-auto-tool-choice --tool-call-parser hermes"
+TAB = gr.Request(session_hash="tab")
+
+
+class ReasoningEvent(BaseModel):
+    """The stream's `reasoning` event as issue 14 specifies it (agent_app does not send it yet)."""
+
+    type: Literal["reasoning"] = "reasoning"
+    content: str
 
 
 def user(text: str) -> gr.ChatMessage:
@@ -36,6 +48,10 @@ def user(text: str) -> gr.ChatMessage:
 
 def answer(text: str) -> gr.ChatMessage:
     return gr.ChatMessage(content=text)
+
+
+def thinking(text: str, *, done: bool) -> gr.ChatMessage:
+    return gr.ChatMessage(content=text, metadata={"title": "Thinking", "status": "done" if done else "pending"})
 
 
 def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
@@ -55,11 +71,30 @@ def without_durations(messages: list[Any]) -> list[Any]:
     return [replace(m, metadata={k: v for k, v in m.metadata.items() if k != "duration"}) for m in messages]
 
 
-async def chat(ui: ChatUI, text: str, conversation_id: str = "",
-               history: list[Any] | None = None) -> tuple[list[list[Any]], list[str]]:
-    """Send one message as the page does (the chat already ends with it); the chats and ids it yields."""
-    updates = [update async for update in ui.respond(text, [*(history or []), user(text)], conversation_id)]
-    return [messages for messages, _ in updates], [conversation_id for _, conversation_id in updates]
+def as_handed_in(messages: list[gr.ChatMessage]) -> list[dict[str, Any]]:
+    """A chat the way Gradio hands the Chatbot's value to a handler."""
+    chatbot = gr.Chatbot()
+    return chatbot.preprocess(chatbot.postprocess(messages))
+
+
+def shown_after_each(events: list[Any]) -> list[list[gr.ChatMessage]]:
+    """The messages a turn shows after each of its events."""
+    view = TurnView()
+    shown = []
+    for event in events:
+        view.apply(event)
+        shown.append(list(view.messages))
+    return shown
+
+
+async def chat(ui: ChatUI, text: str, conversation_id: str = "", history: list[Any] | None = None,
+               ) -> tuple[list[list[Any]], list[str], list[bool]]:
+    """Send one message as ChatInterface does; the chats the page shows (the history, the message, then what the
+    turn has added), the tab's conversation ids and whether the turn runs on, update by update."""
+    history = history or []
+    updates = [update async for update in ui.respond(text, as_handed_in(history), conversation_id, True, False, TAB)]
+    return ([[*history, user(text), *turn] for turn, _, _ in updates], [update[1] for update in updates],
+            [update[2] for update in updates])
 
 
 @pytest.fixture
@@ -146,6 +181,54 @@ def test_stored_messages_become_the_chat_a_live_turn_shows() -> None:
     assert messages_from_store(stored) == [user("1/0?"), answer("Let me see."), failed, answer("It is undefined.")]
 
 
+def test_stored_thinking_shows_collapsed_before_its_messages_text_and_calls() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}
+    stored = [
+        {"role": "user", "content": "12*7?"},
+        {"role": "assistant", "content": "", "reasoning": "\nA product.\n\n", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "84"},
+        {"role": "assistant", "content": "It is 84.", "reasoning": "The tool said 84."},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome.", "reasoning": "  "},
+    ]
+    assert messages_from_store(stored) == [
+        user("12*7?"), thinking("A product.", done=True),
+        tool_message("calculator", {"expression": "12*7"}, result="84"),
+        thinking("The tool said 84.", done=True), answer("It is 84."),
+        user("Thanks"), answer("You're welcome."),
+    ]
+
+
+def test_thinking_streams_open_then_collapses_when_its_step_moves_on() -> None:
+    calculator = ToolCallEvent(id="c1", name="calculator", arguments={"expression": "12*7"})
+    events = [
+        ReasoningEvent(content="\n"), ReasoningEvent(content="Let me "), ReasoningEvent(content="compute.\n\n"),
+        calculator, ToolResultEvent(id="c1", name="calculator", result="84", error=None, duration_s=0.5),
+        ReasoningEvent(content="It is 84."), TokenEvent(content="12*7 is 84."),
+    ]
+    pending = tool_message("calculator", {"expression": "12*7"})
+    done = tool_message("calculator", {"expression": "12*7"}, result="84", duration_s=0.5)
+    first_step = thinking("Let me compute.", done=True)
+    assert shown_after_each(events) == [
+        [],
+        [thinking("Let me ", done=False)],
+        [thinking("Let me compute.\n\n", done=False)],
+        [first_step, pending],
+        [first_step, done],
+        [first_step, done, thinking("It is 84.", done=False)],
+        [first_step, done, thinking("It is 84.", done=True), answer("12*7 is 84.")],
+    ]
+
+
+@pytest.mark.parametrize("end", [
+    pytest.param(ErrorEvent(status=504, detail="vLLM stopped sending"), id="error"),
+    pytest.param(DoneEvent(conversation_id="c", content=""), id="done"),
+])
+def test_thinking_collapses_when_the_turn_ends_during_it(end: Any) -> None:
+    assert shown_after_each([ReasoningEvent(content="Still thinking"), end])[-1] == [
+        thinking("Still thinking", done=True)]
+
+
 def test_header_names_model_server_reachability_and_tools() -> None:
     assert header_html("Qwen/Qwen2.5-7B-Instruct", "http://vllm:8000", False, ["calculator"]) == (
         '<div class="agent-bar"><span class="agent-name">vLLM Agent</span>'
@@ -155,23 +238,18 @@ def test_header_names_model_server_reachability_and_tools() -> None:
     )
 
 
-def test_the_queue_polls_less_through_attributes_gradio_still_has() -> None:
-    with gr.Blocks() as page:
-        gr.Markdown("x")
-    attributes = set(vars(page._queue))
-    poll_queue_less(page)
-    assert (page._queue.sleep_when_free, page._queue.progress_update_sleep_when_free) == (
-        QUEUE_POLL_S, PROGRESS_POLL_S)
-    assert set(vars(page._queue)) == attributes  # set, not added: Gradio still reads these two
+def test_blank_message_is_not_sent() -> None:
+    assert [check_message(" \n"), check_message("Hi")] == [
+        gr.validate(False, "Type a message first."), gr.validate(True, "Type a message first.")]
 
 
 def test_stop_settles_pending_calls_and_says_nothing_was_saved() -> None:
-    pending = {"role": "assistant", "content": [{"type": "text", "text": "**city** Paris"}],
-               "metadata": {"title": "weather(Paris)", "status": "pending"}}
-    shown = ChatUI.mark_stopped([{"role": "user", "content": [{"type": "text", "text": "Paris?"}]}, pending])
-    assert shown[1:] == [{**pending, "metadata": {"title": "weather(Paris) · stopped", "status": "done"}},
-                         answer(STOPPED_NOTE)]
-    assert ChatUI.mark_stopped([]) == []
+    pending = tool_message("weather", {"city": "Paris"})
+    assert mark_stopped([thinking("Hmm", done=True), pending]) == [
+        thinking("Hmm", done=True),
+        gr.ChatMessage(content="**city** `Paris`", metadata={"title": "weather(Paris) · stopped", "status": "done"}),
+        answer(STOPPED_NOTE),
+    ]
 
 
 # --- turns ---
@@ -180,19 +258,20 @@ def test_stop_settles_pending_calls_and_says_nothing_was_saved() -> None:
 async def test_plain_answer_streams_token_by_token_then_gets_its_conversation_id(
         ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script("Hello there, how can I help?")
-    chats, ids = await chat(ui, "Hi")
+    chats, ids, running = await chat(ui, "Hi")
     expected = growing([user("Hi")], "Hello there, how can I help?")
-    assert chats == [*expected, expected[-1]]
-    assert ids[:-1] == [""] * len(expected) and ids[-1]
+    assert chats == [[user("Hi")], *expected, expected[-1]]
+    assert ids[:-1] == [""] * (len(expected) + 1) and ids[-1]
+    assert running == [True] * (len(expected) + 1) + [False]
     assert await ui.agent.store.load_messages(ids[-1]) == [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how can I help?"}]
 
 
 async def test_tool_call_shows_pending_then_its_result_then_the_answer(ui: ChatUI) -> None:
-    chats, ids = await chat(ui, "What is 12*7?")
+    chats, ids, _ = await chat(ui, "What is 12*7?")
     pending = tool_message("calculator", {"expression": "12*7"})
     done = tool_message("calculator", {"expression": "12*7"}, result="84")
-    expected = [[user("What is 12*7?"), pending], [user("What is 12*7?"), done],
+    expected = [[user("What is 12*7?")], [user("What is 12*7?"), pending], [user("What is 12*7?"), done],
                 *growing([user("What is 12*7?"), done], "The results: 84.")]
     assert [without_durations(messages) for messages in chats] == [*expected, expected[-1]]
     assert pending.metadata == {"title": "calculator(12\\*7)", "status": "pending"}
@@ -202,7 +281,7 @@ async def test_tool_call_shows_pending_then_its_result_then_the_answer(ui: ChatU
 
 async def test_parallel_calls_show_side_by_side_in_call_order(ui: ChatUI) -> None:
     question = "What time is it in Seoul and in New York?"
-    chats, ids = await chat(ui, question)
+    chats, ids, _ = await chat(ui, question)
     stored = await ui.agent.store.load_messages(ids[-1])
     results = [message["content"] for message in stored if message["role"] == "tool"]
     calls = [("get_current_time", {"timezone": "Asia/Seoul"}), ("get_current_time", {"timezone": "America/New_York"})]
@@ -210,22 +289,22 @@ async def test_parallel_calls_show_side_by_side_in_call_order(ui: ChatUI) -> Non
     done = [tool_message(name, arguments, result=result) for (name, arguments), result in zip(calls, results,
                                                                                             strict=True)]
     shown = [without_durations(messages) for messages in chats]
-    assert shown[:2] == [[user(question), pending[0]], [user(question), *pending]]
-    assert shown[2] in ([user(question), done[0], pending[1]], [user(question), pending[0], done[1]])
-    assert shown[3] == [user(question), *done]
-    assert shown[4:] == [*growing([user(question), *done], f"The results: {'; '.join(results)}."), shown[-1]]
+    assert shown[:3] == [[user(question)], [user(question), pending[0]], [user(question), *pending]]
+    assert shown[3] in ([user(question), done[0], pending[1]], [user(question), pending[0], done[1]])
+    assert shown[4] == [user(question), *done]
+    assert shown[5:] == [*growing([user(question), *done], f"The results: {'; '.join(results)}."), shown[-1]]
 
 
 async def test_tool_error_is_shown_as_a_failed_call_and_the_turn_goes_on(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script(tool_call_text("get_current_time", {"timezone": "Mars/Olympus"}))
-    chats, ids = await chat(ui, "What time is it on Mars?")
+    chats, ids, _ = await chat(ui, "What time is it on Mars?")
     error = "unknown time zone 'Mars/Olympus'; use an IANA name such as 'Asia/Seoul'"
     failed = tool_message("get_current_time", {"timezone": "Mars/Olympus"}, error=error)
     assert failed.metadata["title"] == ("get\\_current\\_time(Mars/Olympus) → failed: unknown time zone "
                                         "'Mars/Olympus'; use a…")
     shown = [without_durations(messages) for messages in chats]
     question = user("What time is it on Mars?")
-    assert shown == [[question, tool_message("get_current_time", {"timezone": "Mars/Olympus"})],
+    assert shown == [[question], [question, tool_message("get_current_time", {"timezone": "Mars/Olympus"})],
                      [question, failed], *growing([question, failed], f"The results: Error: {error}."), shown[-1]]
     assert ids[-1]
 
@@ -235,32 +314,33 @@ async def test_unreachable_vllm_becomes_a_readable_message(chat_ui: UIFactory) -
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again before the turn: nothing listens
     async with chat_ui(vllm_base_url=url) as ui:
-        chats, ids = await chat(ui, "Hi", history=[user("Earlier"), answer("Before.")])
-    assert chats == [[user("Earlier"), answer("Before."), user("Hi"), answer(
+        chats, ids, running = await chat(ui, "Hi", history=[user("Earlier"), answer("Before.")])
+    before = [user("Earlier"), answer("Before."), user("Hi")]
+    assert chats == [before, [*before, answer(
         f"⚠ vLLM is not reachable at {url} — start it with `vllm serve Qwen/Qwen2.5-7B-Instruct {START_VLLM}`")]]
-    assert ids == [""]
+    assert (ids, running) == (["", ""], [True, False])
 
 
 async def test_vllm_error_that_is_not_about_reachability_shows_the_agents_message(
         ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script(Reply(status=400, error_message="top_p must be in (0, 1], got 7.0."))
-    chats, ids = await chat(ui, "Hi")
-    assert chats == [[user("Hi"), answer("⚠ vLLM answered 400: top_p must be in (0, 1], got 7.0.")]]
-    assert ids == [""]
+    chats, ids, running = await chat(ui, "Hi")
+    assert chats == [[user("Hi")], [user("Hi"), answer("⚠ vLLM answered 400: top_p must be in (0, 1], got 7.0.")]]
+    assert (ids, running) == (["", ""], [True, False])
 
 
 async def test_message_over_the_limit_is_refused_before_vllm_is_called(
         chat_ui: UIFactory, fake_vllm: FakeVLLM) -> None:
     async with chat_ui(vllm_base_url=fake_vllm.url, max_content_chars=10) as ui:
-        chats, ids = await chat(ui, "x" * 11)
-    assert chats == [[user("x" * 11), answer("⚠ Your message is 11 characters long; the limit is 10.")]]
-    assert ids == [""] and fake_vllm.requests == []
+        chats, ids, _ = await chat(ui, "x" * 11)
+    assert chats[-1] == [user("x" * 11), answer("⚠ content is 11 characters; the limit is 10")]
+    assert ids == ["", ""] and fake_vllm.requests == []
 
 
 async def test_next_turn_continues_the_same_conversation(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script("First.", "Second.")
-    first, ids = await chat(ui, "One")
-    second, next_ids = await chat(ui, "Two", ids[-1], history=first[-1])
+    first, ids, _ = await chat(ui, "One")
+    second, next_ids, _ = await chat(ui, "Two", ids[-1], history=first[-1])
     assert second[-1] == [user("One"), answer("First."), user("Two"), answer("Second.")]
     assert set(next_ids) == {ids[-1]}
     assert [message["content"] for message in fake_vllm.requests[-1].body["messages"][1:]] == ["One", "First.", "Two"]
@@ -268,25 +348,51 @@ async def test_next_turn_continues_the_same_conversation(ui: ChatUI, fake_vllm: 
 
 async def test_deleted_conversation_starts_a_new_one_with_the_message(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script("Fresh start.")
-    chats, ids = await chat(ui, "Hello?", "0123456789abcdef", history=[user("Old"), answer("Gone.")])
-    assert chats[-1] == [user("Hello?"), answer("Fresh start.")]
+    chats, ids, _ = await chat(ui, "Hello?", "0123456789abcdef", history=[user("Old"), answer("Gone.")])
+    assert chats[-1] == [user("Old"), answer("Gone."), user("Hello?"), answer("Fresh start."), answer(RESTARTED_NOTE)]
     assert ids[-1] not in ("", "0123456789abcdef")
+    assert await ui.agent.store.load_messages(ids[-1]) == [
+        {"role": "user", "content": "Hello?"}, {"role": "assistant", "content": "Fresh start."}]
 
 
-async def test_blank_message_changes_nothing(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
-    updates = [update async for update in ui.respond("  ", [answer("Hi.")], "abc")]
-    assert updates == [([answer("Hi.")], "abc")]
-    assert fake_vllm.requests == []
+@pytest.mark.parametrize(("toggle", "offered", "sent"), [
+    pytest.param(True, True, True, id="on"),
+    pytest.param(False, True, False, id="off"),
+    pytest.param(True, False, None, id="hidden"),
+])
+async def test_thinking_toggle_reaches_the_agent_only_when_the_page_offers_it(
+        ui: ChatUI, monkeypatch: pytest.MonkeyPatch, toggle: bool, offered: bool, sent: bool | None) -> None:
+    calls: list[tuple[str, str, bool | None]] = []
+
+    async def turn_events(conversation_id: str, content: str, thinking: bool | None) -> AsyncIterator[Any]:
+        calls.append((conversation_id, content, thinking))
+        yield DoneEvent(conversation_id="c1", content="")
+
+    monkeypatch.setattr(ui, "turn_events", turn_events)
+    assert [update async for update in ui.respond("Hi", [], "", toggle, offered, TAB)][-1] == ([], "c1", False)
+    assert calls == [("", "Hi", sent)]
+
+
+async def test_thinking_toggle_shows_only_for_a_model_that_thinks(ui: ChatUI, monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, hidden_offered = await ui.thinking_toggle()
+
+    async def model_thinks() -> bool:
+        return True
+
+    monkeypatch.setattr(ui.agent, "model_thinks", model_thinks, raising=False)
+    shown, shown_offered = await ui.thinking_toggle()
+    assert [(hidden.visible, hidden_offered), (shown.visible, shown_offered)] == [(False, False), (True, True)]
 
 
 async def test_cancelled_turn_closes_the_vllm_stream_and_stores_nothing(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script("First.", Reply(text="A slow answer " * 50, token_delay_s=0.05))
-    _, ids = await chat(ui, "One")
+    _, ids, _ = await chat(ui, "One")
     first_token = asyncio.Event()
 
     async def second_turn() -> None:
-        async for _ in ui.respond("Two", [user("Two")], ids[-1]):
-            first_token.set()
+        async for messages, _, _ in ui.respond("Two", [], ids[-1], True, False, TAB):
+            if messages:
+                first_token.set()
 
     task = asyncio.create_task(second_turn())  # Gradio runs the handler as a task; Stop cancels it
     await first_token.wait()
@@ -302,8 +408,50 @@ async def test_cancelled_turn_closes_the_vllm_stream_and_stores_nothing(ui: Chat
         {"role": "user", "content": "One"}, {"role": "assistant", "content": "First."}]
 
 
+async def test_stop_ends_the_turn_as_stopped_closes_the_vllm_stream_and_stores_nothing(
+        ui: ChatUI, fake_vllm: FakeVLLM) -> None:
+    slow = "A slow answer " * 50
+    fake_vllm.script(tool_call_text("calculator", {"expression": "1+1"}), Reply(text=slow, token_delay_s=0.05))
+    updates = []
+    async for update in ui.respond("Tell me", [], "", True, False, TAB):
+        updates.append(update)
+        if len(update[0]) == 2:  # the call's result, then the first piece of the answer
+            ui.stop(TAB)
+    done = tool_message("calculator", {"expression": "1+1"}, result="2")
+    first = answer(tokenize(slow)[0])
+    assert [without_durations(messages) for messages, _, _ in updates[-2:]] == [
+        [done, first], [done, first, answer(STOPPED_NOTE)]]
+    assert [(conversation_id, running) for _, conversation_id, running in updates[-2:]] == [("", True), ("", False)]
+    for _ in range(500):  # the fake sees the closed connection on a later turn of its loop
+        if fake_vllm.disconnects:
+            break
+        await asyncio.sleep(0.01)
+    assert fake_vllm.disconnects == 1
+    assert (await ui.agent.store.list_conversations(10, None)).conversations == []
+
+
+async def test_stop_in_another_tab_leaves_this_one_alone(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
+    fake_vllm.script("Fine.")
+    updates = []
+    async for update in ui.respond("Hi", [], "", True, False, TAB):
+        ui.stop(gr.Request(session_hash="another tab"))
+        updates.append(update)
+    assert updates[-1][0] == [answer("Fine.")] and updates[-1][2] is False
+
+
+async def test_stop_takes_new_conversations_place_while_a_turn_runs(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
+    running = await ui.turn_changed(True)
+    over = await ui.turn_changed(False)
+    header = header_html("Qwen/Qwen2.5-7B-Instruct", fake_vllm.url, True,
+                         [tool.name for tool in ui.agent.registry.tools])
+    assert [getattr(update, "constructor_args", update) for update in running] == [
+        {"visible": True}, {"visible": False}, gr.skip(), {"placeholder": BUSY_PLACEHOLDER}]
+    assert [getattr(update, "constructor_args", update) for update in over] == [
+        {"visible": False}, {"visible": True}, header, {"placeholder": PLACEHOLDER}]
+
+
 async def test_restore_rebuilds_the_chat_a_reload_shows(ui: ChatUI) -> None:
-    chats, ids = await chat(ui, "What is 12*7?")
+    chats, ids, _ = await chat(ui, "What is 12*7?")
     restored, conversation_id = await ui.restore(ids[-1])
     assert restored == without_durations(chats[-1])
     assert conversation_id == ids[-1]
