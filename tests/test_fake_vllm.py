@@ -4,19 +4,31 @@ import asyncio
 import json
 import re
 import sys
+import zlib
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from fake_vllm import FakeVLLM, Reply, tokenize
+from fake_vllm import ChatOptions, FakeVLLM, Parser, ParserConfig, Qwen3Parser, Reply, special_tokens, tokenize
+from vllm_parser_cases import (
+    ENGINE_TEST,
+    REASONING_CASES,
+    STREAMING_TEST,
+    TOOL_CASES,
+    Call,
+    Contains,
+    Expected,
+    ReasoningCase,
+    ToolCase,
+)
 
 MODEL = "Qwen/Qwen2.5-7B-Instruct"
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
-TOOL_ID = re.compile(r"chatcmpl-tool-[0-9a-f]{32}")
+TOOL_ID = re.compile(r"chatcmpl-tool-(?:[0-9a-f]{32}|[0-9a-f]{16})")
 WEATHER = {"type": "function", "function": {
     "name": "get_current_weather", "description": "Get the current weather in a given location",
     "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "unit": {"type": "string"}},
@@ -61,7 +73,7 @@ def name_delta(name: str, index: int = 0) -> dict[str, Any]:
 
 
 def without_tool_ids(value: Any) -> Any:
-    """Replace the random tool-call ids; only v0.11-shaped ones (32 hex digits) are replaced."""
+    """Replace the random tool-call ids (32 hex digits in v0.11, 16 in 0.33)."""
     return json.loads(TOOL_ID.sub("TOOL-ID", json.dumps(value)))
 
 
@@ -79,13 +91,15 @@ def error(message: str, err_type: str = "BadRequestError", code: int = 400) -> d
 
 @asynccontextmanager
 async def serving(**options: Any) -> AsyncIterator[tuple[FakeVLLM, httpx.AsyncClient]]:
-    async with FakeVLLM(**options) as fake, httpx.AsyncClient(base_url=fake.url, timeout=5) as client:
+    """A fake on loopback and a client for it; version 0.11 unless `options` say otherwise."""
+    fake = FakeVLLM(**{"version": "0.11", **options})
+    async with fake, httpx.AsyncClient(base_url=fake.url, timeout=5) as client:
         yield fake, client
 
 
 @pytest.fixture
 async def fake() -> AsyncIterator[FakeVLLM]:
-    async with FakeVLLM() as server:
+    async with FakeVLLM(version="0.11") as server:
         yield server
 
 
@@ -823,7 +837,7 @@ async def test_requests_are_recorded_in_order_and_the_script_is_consumed(fake: F
 
 
 async def test_stop_does_not_wait_for_a_stalled_stream() -> None:
-    fake = FakeVLLM()
+    fake = FakeVLLM(version="0.11")
     await fake.start()
     fake.script(Reply(text="one two", fault="stall"))
     async with httpx.AsyncClient(base_url=fake.url, timeout=10) as client:
@@ -838,7 +852,7 @@ async def test_stop_does_not_wait_for_a_stalled_stream() -> None:
 async def test_cli_serves_the_default_responder() -> None:
     script = Path(__file__).with_name("fake_vllm.py")
     process = await asyncio.create_subprocess_exec(sys.executable, str(script), "--port", "0", "--answer-tokens", "4",
-                                                   stdout=asyncio.subprocess.PIPE)
+                                                   "--version", "0.11", stdout=asyncio.subprocess.PIPE)
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
@@ -850,3 +864,911 @@ async def test_cli_serves_the_default_responder() -> None:
     finally:
         process.terminate()
         await process.wait()
+
+
+
+# vLLM 0.33 (protocol notes A.1-A.16, checklist A.14).
+
+ID16 = re.compile(r"[0-9a-f]{16}")
+QWEN35 = "Qwen/Qwen3.5-35B-A3B"
+THINK_ON = {"enable_thinking": True}
+FORECAST = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather for a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+        "ratio": {"type": "number"}, "note": {"type": ["string", "null"]}, "tags": {"type": "array"},
+        "where": {"type": "object"}}}}}
+
+
+def xml(name: str, **parameters: str) -> str:
+    """A call as Qwen3.5 writes it (A.7): each value between newlines."""
+    body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in parameters.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+def fingerprint(model: str = MODEL) -> str:
+    """The fake's stable stand-in for 0.33's `vllm-<version>-<config hash>`."""
+    return f"vllm-0.33.0-{zlib.crc32(model.encode()):08x}"
+
+
+def error33(message: str, param: str | None = None, err_type: str = "BadRequestError",
+            code: int = 400) -> dict[str, Any]:
+    """A 0.33 error body: `param` filled where vLLM knows it."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def ask(**fields: Any) -> dict[str, Any]:
+    """A chat request for the served model, whatever its name (an omitted `model` means the served one)."""
+    return {"messages": HI, **fields}
+
+
+Serving = AbstractAsyncContextManager[tuple[FakeVLLM, httpx.AsyncClient]]
+
+
+def serving33(**options: Any) -> Serving:
+    """vLLM 0.33 serving Qwen2.5 with hermes, unless `options` say otherwise."""
+    return serving(version="0.33", **options)
+
+
+def qwen35(**options: Any) -> Serving:
+    """vLLM 0.33 serving Qwen3.5 as its recipe says: qwen3_coder and the qwen3 reasoning parser (A.7)."""
+    return serving(**{"version": "0.33", "template": "qwen3.5", "tool_parser": "qwen3_coder",
+                      "reasoning_parser": "qwen3", **options})
+
+
+def qwen3_hybrid(**options: Any) -> Serving:
+    """vLLM 0.33 serving a hybrid Qwen3 with hermes and the qwen3 reasoning parser (A.7)."""
+    return serving(**{"version": "0.33", "template": "qwen3", "tool_parser": "hermes", "reasoning_parser": "qwen3",
+                      **options})
+
+
+def all_deltas(chunks: list[Any]) -> list[dict[str, Any]]:
+    """Every delta after the role chunk, the finish chunk's included, tool ids normalised."""
+    return without_tool_ids([chunk["choices"][0]["delta"] for chunk in chunks[1:-1] if chunk["choices"]])
+
+
+def rebuilt(chunks: list[Any]) -> dict[str, Any]:
+    """What a client rebuilds from a stream: content and reasoning concatenated, calls by index."""
+    fields: dict[str, Any] = {"content": None, "reasoning": None}
+    calls: dict[int, dict[str, str]] = {}
+    for delta in all_deltas(chunks):
+        for key in ("content", "reasoning"):
+            if isinstance(delta.get(key), str):
+                fields[key] = (fields[key] or "") + delta[key]
+        for entry in delta.get("tool_calls", []):
+            call = calls.setdefault(entry["index"], {"name": "", "arguments": ""})
+            call["name"] += entry["function"].get("name", "")
+            call["arguments"] += entry["function"].get("arguments", "")
+    return {**fields, "tool_calls": [(call["name"], call["arguments"]) for _, call in sorted(calls.items())]}
+
+
+def message_of(body: dict[str, Any]) -> dict[str, Any]:
+    """The message of a body, tool ids normalised."""
+    return without_tool_ids(body["choices"][0]["message"])
+
+
+def from_message(message: dict[str, Any]) -> dict[str, Any]:
+    """The same three fields of a non-streaming message."""
+    return {"content": message["content"], "reasoning": message["reasoning"], "tool_calls": [
+        (call["function"]["name"], call["function"]["arguments"]) for call in message.get("tool_calls", [])]}
+
+
+async def both_ways(client: httpx.AsyncClient, fake: FakeVLLM, text: str | Reply, payload: dict[str, Any],
+                    stream_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
+    """The non-streaming body and the stream chunks for the same raw model output."""
+    fake.script(text, text)
+    body = (await client.post(CHAT, json=payload)).json()
+    options = {} if stream_options is None else {"stream_options": stream_options}
+    return body, await stream(client, {**payload, **options})
+
+
+async def test_033_plain_answer_has_every_033_key() -> None:
+    async with serving33() as (_, client):
+        response = await client.post(CHAT, json=ask())
+        prompt = await prompt_tokens(client)
+    body = response.json()
+    assert re.fullmatch(rf"chatcmpl-{ID16.pattern}", body["id"])
+    assert response.text == (
+        f'{{"id":"{body["id"]}","object":"chat.completion","created":{body["created"]},"model":"{MODEL}",'
+        '"choices":[{"index":0,"message":{"role":"assistant","content":"You said: hi","refusal":null,'
+        '"annotations":null,"audio":null,"function_call":null,"reasoning":null},"logprobs":null,'
+        '"finish_reason":"stop","stop_reason":null,"token_ids":null,"routed_experts":null,"weight_versions":null}],'
+        f'"service_tier":null,"system_fingerprint":"{fingerprint()}","usage":{{"prompt_tokens":{prompt},'
+        f'"total_tokens":{prompt + 5},"completion_tokens":5,"prompt_tokens_details":null,'
+        '"completion_tokens_details":null},"prompt_logprobs":null,"prompt_token_ids":null,"prompt_text":null,'
+        '"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}'
+    )
+
+
+async def test_033_call_ids_have_16_hex_digits_and_empty_tool_calls_are_omitted() -> None:
+    async with serving33() as (fake, client):
+        fake.script(hermes("get_current_weather", WEATHER_CALL), "No call.")
+        called = (await client.post(CHAT, json=ask(tools=[WEATHER]))).json()["choices"][0]
+        plain = (await client.post(CHAT, json=ask(tools=[WEATHER]))).json()["choices"][0]
+    assert re.fullmatch(rf"chatcmpl-tool-{ID16.pattern}", called["message"]["tool_calls"][0]["id"])
+    assert (called["finish_reason"], without_tool_ids(called["message"]["tool_calls"])) == ("tool_calls", [
+        {"id": "TOOL-ID", "type": "function",
+         "function": {"name": "get_current_weather", "arguments": json.dumps(WEATHER_CALL)}}])
+    assert "tool_calls" not in plain["message"] and plain["message"]["content"] == "No call."
+
+
+async def test_033_plain_stream_without_parser_is_byte_exact() -> None:
+    async with serving33(tool_parser=False) as (_, client):
+        response = await client.post(CHAT, json=ask(stream=True))
+    first = json.loads(sse_payloads(response.text)[0])
+    head = (f'data: {{"id":"{first["id"]}","object":"chat.completion.chunk","created":{first["created"]},'
+            f'"model":"{MODEL}","choices":')
+    assert response.text == (
+        head + '[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],'
+        '"prompt_token_ids":null,"prompt_text":null}\n\n'
+        + "".join(head + f'[{{"index":0,"delta":{{"content":"{token}"}},"logprobs":null,"finish_reason":null,'
+                  '"token_ids":null}],"kv_transfer_params":null}\n\n' for token in ["You", " said", ":", " hi"])
+        + head + '[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"stop","stop_reason":null,'
+        f'"token_ids":null,"weight_versions":null}}],"system_fingerprint":"{fingerprint()}",'
+        '"kv_transfer_params":null}\n\n'
+        "data: [DONE]\n\n"
+    )
+
+
+async def test_033_usage_chunk_carries_the_fingerprint_instead_of_the_finish_chunk() -> None:
+    async with serving33() as (_, client):
+        chunks = await stream(client, ask(stream_options={"include_usage": True}))
+        prompt = await prompt_tokens(client)
+    assert finish_chunk(chunks) == {**{key: chunks[0][key] for key in ("id", "object", "created", "model")},
+                                    "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop",
+                                                 "stop_reason": None, "token_ids": None, "weight_versions": None}],
+                                    "kv_transfer_params": None}
+    assert chunks[-2] == {**{key: chunks[0][key] for key in ("id", "object", "created", "model")}, "choices": [],
+                          "usage": {"prompt_tokens": prompt, "total_tokens": prompt + 5, "completion_tokens": 5},
+                          "system_fingerprint": fingerprint()}
+
+
+@pytest.mark.parametrize(("stream_options", "usage"), [
+    pytest.param(None, False, id="absent"),
+    pytest.param({}, False, id="empty-object-defaults-to-false"),
+    pytest.param({"include_usage": False}, False, id="false"),
+    pytest.param({"include_usage": True}, True, id="true"),
+])
+async def test_033_usage_chunk_only_with_include_usage_true(stream_options: dict[str, Any] | None,
+                                                             usage: bool) -> None:
+    async with serving33() as (_, client):
+        payload = ask() if stream_options is None else ask(stream_options=stream_options)
+        chunks = await stream(client, payload)
+    assert any(not chunk["choices"] for chunk in chunks[:-1]) is usage
+
+
+async def test_033_hermes_streams_calls_without_newline_content_and_with_null_content() -> None:
+    async with serving33() as (fake, client):
+        body, chunks = await both_ways(client, fake, QWEN_PARALLEL, ask(tools=[WEATHER]))
+    sent = all_deltas(chunks)
+    assert sent[:3] == [{"content": None, **name_delta("get_current_temperature")},
+                        {"content": None, **arguments_delta('{"')}, {"content": None, **arguments_delta("location")}]
+    assert [delta for delta in sent if delta.get("content") is not None] == []
+    assert sent[-1] == {} and finish_chunk(chunks)["choices"][0]["finish_reason"] == "tool_calls"
+    assert rebuilt(chunks) == from_message(message_of(body))
+
+
+@pytest.mark.parametrize(("options", "final"), [
+    pytest.param({"tool_parser": "hermes"}, {}, id="hermes"),
+    pytest.param({"tool_parser": "qwen3_coder", "template": "qwen3.5"}, {}, id="qwen3_coder"),
+    pytest.param({"tool_parser": False, "reasoning_parser": "qwen3", "template": "qwen3.5"}, {"content": ""},
+                 id="reasoning-parser-alone-after-the-thought"),
+    pytest.param({"tool_parser": False}, {"content": ""}, id="no-parser"),
+])
+async def test_033_finish_delta_of_a_natural_stop(options: dict[str, Any], final: dict[str, Any]) -> None:
+    """`{}` from a parser with nothing left to say; `{"content":""}` when the EOS step passes raw text on."""
+    async with serving33(**options) as (fake, client):
+        fake.script("Plain answer.")
+        chunks = await stream(client, ask())
+    assert finish_chunk(chunks)["choices"][0]["delta"] == final
+    assert rebuilt(chunks)["content"] == "Plain answer."
+
+
+async def test_033_parallel_tool_calls_false_keeps_the_first_call() -> None:
+    async with serving33() as (fake, client):
+        body, chunks = await both_ways(client, fake, QWEN_PARALLEL, ask(tools=[WEATHER],
+                                                                            parallel_tool_calls=False))
+    assert [call["function"]["name"] for call in body["choices"][0]["message"]["tool_calls"]] == [
+        "get_current_temperature"]
+    assert [name for name, _ in rebuilt(chunks)["tool_calls"]] == ["get_current_temperature"]
+
+
+# Context rules (A.2) and finish reasons (A.3).
+
+
+async def test_033_prompt_plus_max_tokens_over_the_window_is_clamped() -> None:
+    words = " ".join(["word"] * 30)
+    async with serving33(max_model_len=40) as (fake, client):
+        room = 40 - await prompt_tokens(client)
+        fake.script(words, words, "one two")
+        clamped = (await client.post(CHAT, json=ask(max_tokens=39))).json()
+        filled = (await client.post(CHAT, json=ask())).json()
+        fits = (await client.post(CHAT, json=ask(max_tokens=39))).json()
+    for body in (clamped, filled):
+        assert (body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"],
+                body["usage"]["completion_tokens"]) == ("".join(tokenize(words)[:room]), "length", room)
+    assert (fits["choices"][0]["message"]["content"], fits["choices"][0]["finish_reason"]) == ("one two", "stop")
+
+
+@pytest.mark.parametrize(("extra", "fields", "message", "param"), [
+    pytest.param(5, {}, "This model's maximum context length is 40 tokens. However, your prompt contains 45 input "
+                 "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the "
+                 "input prompt. (parameter=input_tokens, value=45)", "input_tokens", id="prompt-over-the-window"),
+    pytest.param(1, {}, "This model's maximum context length is 40 tokens. However, your prompt contains at least 41 "
+                 "input tokens, which exceeds this limit even without any output tokens. Please reduce the length of "
+                 "the input prompt. (parameter=input_tokens, value=41)", "input_tokens", id="one-over"),
+    pytest.param(0, {}, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)", "max_tokens",
+                 id="prompt-fills-the-window"),
+    pytest.param(-10, {"max_tokens": 41}, "max_tokens=41 cannot be greater than max_model_len=40. Please request "
+                 "fewer output tokens. (parameter=max_tokens, value=41)", "max_tokens", id="max-tokens-over-N"),
+    pytest.param(-10, {"max_completion_tokens": 50, "max_tokens": 5}, "max_completion_tokens=50 cannot be greater "
+                 "than max_model_len=40. Please request fewer output tokens. (parameter=max_completion_tokens, "
+                 "value=50)", "max_completion_tokens", id="max-completion-tokens-wins"),
+    pytest.param(-10, {"max_tokens": 0}, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+                 "max_tokens", id="zero"),
+])
+async def test_033_context_refusals_are_400s(extra: int, fields: dict[str, Any], message: str, param: str) -> None:
+    """A prompt of 40 + `extra` tokens in a 40-token window (digits are one token each)."""
+    async with serving33(max_model_len=40) as (fake, client):
+        base = await prompt_tokens(client, messages=[{"role": "user", "content": ""}])
+        fake.script("unused")
+        response = await client.post(CHAT, json=ask(
+            messages=[{"role": "user", "content": "1" * (40 - base + extra)}], stream=True, **fields))
+    assert (response.status_code, response.json()) == (400, error33(message, param))
+    assert fake.remaining == 1
+
+
+CUT_CALL = xml("get_weather", city="Paris", days="3")
+
+
+@pytest.mark.parametrize(("reply", "fields"), [
+    pytest.param(CUT_CALL, {"max_tokens": 20}, id="max-tokens"),
+    pytest.param(Reply(text="".join(tokenize(CUT_CALL, "qwen3.5")[:20]), finish_reason="length"), {}, id="scripted"),
+])
+async def test_033_call_cut_by_the_limit_finishes_with_length_not_tool_calls(reply: str | Reply,
+                                                                             fields: dict[str, Any]) -> None:
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, reply, ask(tools=[FORECAST], **fields))
+    assert body["choices"][0]["finish_reason"] == finish_chunk(chunks)["choices"][0]["finish_reason"] == "length"
+    assert message_of(body)["tool_calls"] == [
+        {"id": "TOOL-ID", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    assert rebuilt(chunks)["tool_calls"] == [("get_weather", '{"city": "Paris"}')]
+
+
+async def test_033_named_tool_choice_reports_stop() -> None:
+    async with serving33() as (fake, client):
+        fake.script(hermes("get_current_weather", WEATHER_CALL))
+        body = (await client.post(CHAT, json=ask(tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "get_current_weather"}}))).json()
+    assert (body["choices"][0]["finish_reason"], body["choices"][0]["message"]["content"],
+            len(body["choices"][0]["message"]["tool_calls"])) == ("stop", "", 1)
+
+
+# Errors of 0.33 (A.4).
+
+
+@pytest.mark.parametrize(("fields", "message", "param"), [
+    pytest.param({"tools": []}, "`tools` must not be an empty array. Either provide at least one tool or omit the "
+                 "field entirely. (parameter=tools)", "tools", id="empty-tools"),
+    pytest.param({"stream_options": {"include_usage": True}}, "Stream options can only be defined when "
+                 "`stream=True`. (parameter=stream_options)", "stream_options", id="stream-options-without-stream"),
+    pytest.param({"tool_choice": "auto", "stream_options": {"include_usage": True}}, "When using `tool_choice`, "
+                 "`tools` must be set. (parameter=tool_choice)", "tool_choice", id="tool-checks-come-first"),
+    pytest.param({"tools": [WEATHER], "tool_choice": "sometimes"}, 'Invalid value for `tool_choice`: sometimes! Only '
+                 'named tools, "none", "auto" or "required" are supported. (parameter=tool_choice)', "tool_choice",
+                 id="bad-choice"),
+    pytest.param({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                 "The tool specified in `tool_choice` does not match any of the specified `tools` "
+                 "(parameter=tool_choice)", "tool_choice", id="unknown-named-tool"),
+    pytest.param({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {}}},
+                 'Expected field `name` in `function` in `tool_choice`! Correct usage: `{"type": "function", '
+                 '"function": {"name": "my_function"}}` (parameter=tool_choice.function.name)',
+                 "tool_choice.function.name", id="named-without-name"),
+])
+async def test_033_validator_errors_name_the_parameter_and_do_not_echo_the_request(
+    fields: dict[str, Any], message: str, param: str
+) -> None:
+    async with serving33() as (fake, client):
+        fake.script("unused")
+        response = await client.post(CHAT, json=ask(**fields))
+    assert (response.status_code, response.json()) == (400, error33(message, param))
+    assert fake.remaining == 1
+
+
+@pytest.mark.parametrize(("content", "content_type", "message", "param"), [
+    pytest.param(b'{"messages": []}', "text/plain",
+                 "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed", None,
+                 id="content-type"),
+    pytest.param(b"{not json", "application/json",
+                 "1 validation error:\n  {'type': 'json_invalid', 'loc': 'body.1', 'msg': 'JSON decode error', "
+                 "'input': '<dict of 0 items>', 'ctx': {'error': 'Expecting property name enclosed in double quotes'}}",
+                 "body.1", id="bad-json"),
+    pytest.param(b"[1, 2]", "application/json",
+                 "1 validation error:\n  {'type': 'model_attributes_type', 'loc': 'body', 'msg': 'Input should be a "
+                 "valid dictionary or object to extract fields from', 'input': '<list of 2 items>'}", "body",
+                 id="not-an-object"),
+    pytest.param(b'{"model": "m"}', "application/json",
+                 "1 validation error:\n  {'type': 'missing', 'loc': 'body.messages', 'msg': 'Field required', "
+                 "'input': '<dict of 1 items>'}", "body.messages", id="no-messages"),
+    pytest.param(b'{"messages": [], "max_tokens": 1.5, "max_completion_tokens": "x"}', "application/json",
+                 "2 validation errors:\n  {'type': 'int_from_float', 'loc': 'body.max_tokens', 'msg': 'Input should "
+                 "be a valid integer, got a number with a fractional part', 'input': '1.5'}\n  {'type': "
+                 "'int_parsing', 'loc': 'body.max_completion_tokens', 'msg': 'Input should be a valid integer, unable "
+                 "to parse string as an integer', 'input': 'x'}", "body.max_tokens", id="two-errors"),
+])
+async def test_033_fastapi_validation_errors_use_the_new_format(content: bytes, content_type: str, message: str,
+                                                                param: str | None) -> None:
+    async with serving33() as (_, client):
+        response = await client.post(CHAT, content=content, headers={"Content-Type": content_type})
+    assert (response.status_code, response.json()) == (400, error33(message, param, "Bad Request"))
+
+
+async def test_033_null_messages_trip_a_validator_before_pydantic() -> None:
+    async with serving33() as (_, client):
+        response = await client.post(CHAT, json={"messages": None})
+    assert (response.status_code, response.json()) == (400, error33("'NoneType' object is not iterable"))
+
+
+async def test_033_echoed_arguments_that_are_not_strings_fail_on_three_union_branches() -> None:
+    history = [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call-1", "type": "function", "function": {"name": "get_current_weather", "arguments": {"a": 1}}}]}]
+    async with serving33() as (_, client):
+        response = await client.post(CHAT, json=ask(messages=history))
+    assert (response.status_code, response.json()) == (400, error33(
+        "3 validation errors:\n"
+        "  {'type': 'string_type', 'loc': 'body.0.ChatCompletionMessageFunctionToolCallParam.function', 'msg': "
+        "'Input should be a valid string', 'input': '<dict of 1 items>'}\n"
+        "  {'type': 'missing', 'loc': 'body.0.ChatCompletionMessageCustomToolCallParam.custom', 'msg': 'Field "
+        "required', 'input': '<dict of 3 items>'}\n"
+        "  {'type': 'literal_error', 'loc': 'body.0.ChatCompletionMessageCustomToolCallParam.type', 'msg': \"Input "
+        "should be 'custom'\", 'input': 'function', 'ctx': {'expected': \"'custom'\"}}",
+        "body.0.ChatCompletionMessageFunctionToolCallParam.function", "Bad Request"))
+
+
+async def test_033_unknown_model_lists_the_valid_aliases() -> None:
+    async with serving33() as (fake, client):
+        response = await client.post(CHAT, json=ask(model="gpt-4o"))
+        tokenized = await client.post("/tokenize", json={"model": "gpt-4o", "prompt": "hi"})
+    expected = error33(f"The model `gpt-4o` does not exist. Valid aliases: {MODEL}.", "model", "NotFoundError", 404)
+    assert [(r.status_code, r.json()) for r in (response, tokenized)] == [(404, expected)] * 2
+    assert fake.requests[0].prompt is None
+
+
+@pytest.mark.parametrize(("tool_choice", "message"), [
+    pytest.param(None, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                 id="implied-auto"),
+    pytest.param("auto", '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set',
+                 id="auto"),
+    pytest.param("required", 'tool_choice="required" requires --tool-call-parser to be set', id="required"),
+    pytest.param({"type": "function", "function": {"name": "get_current_weather"}},
+                 'tool_choice=function "get_current_weather" requires --tool-call-parser to be set', id="named"),
+])
+async def test_033_tool_choices_need_a_tool_parser(tool_choice: Any, message: str) -> None:
+    fields = {"tools": [WEATHER]} if tool_choice is None else {"tools": [WEATHER], "tool_choice": tool_choice}
+    async with serving33(tool_parser=False) as (fake, client):
+        response = await client.post(CHAT, json=ask(**fields))
+        allowed = await client.post(CHAT, json=ask(tools=[WEATHER], tool_choice="none"))
+    assert (response.status_code, response.json(), allowed.status_code) == (400, error33(message), 200)
+    assert fake.requests[0].prompt is None
+
+
+async def test_033_explicit_null_tool_choice_drops_the_calls() -> None:
+    async with serving33() as (fake, client):
+        body, chunks = await both_ways(client, fake, "Let me check.\n" + hermes("get_current_weather", WEATHER_CALL),
+                                       ask(tools=[WEATHER], tool_choice=None))
+    assert from_message(message_of(body)) == rebuilt(chunks) == {
+        "content": "Let me check.\n", "reasoning": None, "tool_calls": []}
+    assert body["choices"][0]["finish_reason"] == finish_chunk(chunks)["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("arguments", ["", "{oops", "[1, 2]", '"text"', "null"])
+async def test_033_echoed_arguments_that_are_not_a_json_object_become_empty(arguments: str) -> None:
+    history = [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call-1", "type": "function", "function": {"name": "get_current_weather", "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": "call-1", "content": "sunny"}]
+    async with serving33() as (fake, client):
+        response = await client.post(CHAT, json=ask(messages=history, tools=[WEATHER]))
+    assert response.status_code == 200
+    assert '<tool_call>\n{"name": "get_current_weather", "arguments": {}}\n</tool_call>' in (fake.requests[0].prompt
+                                                                                             or "")
+
+
+@pytest.mark.parametrize(("fault", "error"), [
+    pytest.param("stream_error", {"message": "boom", "type": "InternalServerError", "param": None, "code": 500},
+                 id="generation-error"),
+    pytest.param("stream_error_503", {"message": "boom", "type": "ServiceUnavailableError", "param": None,
+                                      "code": 503}, id="retryable"),
+])
+async def test_033_in_stream_errors_are_one_compact_frame_then_done(fault: str, error: dict[str, Any]) -> None:
+    async with serving33() as (fake, client):
+        fake.script(Reply(text="one two three", fault=fault, error_message="boom"))
+        response = await client.post(CHAT, json=ask(stream=True, stream_options={"include_usage": True}))
+    assert sse_payloads(response.text)[3:] == [json.dumps({"error": error}, separators=(",", ":")), "[DONE]"]
+
+
+async def test_033_engine_dead_has_a_body() -> None:
+    async with serving33() as (fake, client):
+        fake.script(Reply(fault="engine_dead"))
+        response = await client.post(CHAT, json=ask())
+    assert (response.status_code, response.json()) == (500, error33(
+        "The server had an error while processing your request.", None, "InternalServerError", 500))
+
+
+async def test_033_version_models_and_tokenize() -> None:
+    async with qwen35() as (_, client):
+        version = (await client.get("/version")).json()
+        card = (await client.get("/v1/models")).json()["data"][0]
+        tokenized = (await client.post("/tokenize", json={"prompt": "<think>a</think><tool_call>",
+                                                          "return_token_strs": True})).json()
+    assert version == {"version": "0.33.0"}
+    assert (card["id"], re.fullmatch(rf"modelperm-{ID16.pattern}", card["permission"][0]["id"]) is not None) == (
+        QWEN35, True)
+    assert (tokenized["token_strs"], tokenized["tokens"]) == (
+        ["<think>", "a", "</think>", "<tool_call>"], [151667, tokenized["tokens"][1], 151668, 151657])
+
+
+def test_033_qwen25_tokenizer_has_no_think_token() -> None:
+    assert tokenize("<think>a</think>", "qwen2.5") == ["<", "think", ">", "a", "</", "think", ">"]
+    assert tokenize("<think>a</think>", "qwen3") == ["<think>", "a", "</think>"]
+
+
+# Admission control and keep-alive comments (A.1 rows 7 and 8).
+
+ADMISSION = ("The engine is currently busy and cannot accept new requests. Please try again later or on a different "
+             "instance.")
+
+
+async def test_033_admission_control_refuses_past_max_num_queued_reqs() -> None:
+    async with serving33(max_num_queued_reqs=1) as (fake, client):
+        fake.script(Reply(text="one two", fault="stall"), "second")
+        pending = asyncio.create_task(client.post(CHAT, json=ask(stream=True), timeout=30))
+        await poll(lambda: fake.open_streams == 1)
+        refused = await client.post(CHAT, json=ask(stream=True))
+        pending.cancel()
+        await poll(lambda: fake.running == 0)
+        admitted = await client.post(CHAT, json=ask())
+    assert (refused.status_code, refused.json()) == (503, error33(ADMISSION, None, "Service Unavailable", 503))
+    assert (admitted.status_code, fake.remaining) == (200, 0)
+
+
+async def test_033_busy_fault_answers_the_admission_body() -> None:
+    async with serving33() as (fake, client):
+        fake.script(Reply(fault="busy"))
+        response = await client.post(CHAT, json=ask(stream=True))
+    assert (response.status_code, response.json()) == (503, error33(ADMISSION, None, "Service Unavailable", 503))
+
+
+async def test_033_keep_alive_comments_fill_idle_stream_gaps() -> None:
+    async with serving33(sse_keep_alive_s=0.02) as (fake, client):
+        fake.script(Reply(text="one two", delay_s=0.1, token_delay_s=0.1))
+        response = await client.post(CHAT, json=ask(stream=True))
+    events = response.text[:-2].split("\n\n")
+    assert events[0] == ": keep-alive"  # the headers went out first, then comments while "prefill" ran
+    data = [event for event in events if event != ": keep-alive"]
+    assert [json.loads(event.removeprefix("data: "))["choices"][0]["delta"] for event in data[:-1]] == [
+        {"role": "assistant", "content": ""}, {"content": "one"}, {"content": " two"}, {}]
+    assert data[-1] == "data: [DONE]" and events.index(data[2]) + 1 < events.index(data[3])
+
+
+def test_fake_vllm_version_env_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_VLLM_VERSION", "0.33")
+    assert (FakeVLLM().version, FakeVLLM(version="0.11").version) == ("0.33", "0.11")
+    monkeypatch.delenv("FAKE_VLLM_VERSION")
+    assert FakeVLLM().version == "0.11"
+    monkeypatch.setenv("FAKE_VLLM_VERSION", "0.12")
+    with pytest.raises(ValueError, match=re.escape("FAKE_VLLM_VERSION='0.12'")):
+        FakeVLLM()
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"version": "0.11", "tool_parser": "qwen3_coder"}, id="coder-on-0.11"),
+    pytest.param({"version": "0.11", "reasoning_parser": "qwen3"}, id="reasoning-on-0.11"),
+    pytest.param({"version": "0.11", "template": "qwen3.5"}, id="qwen35-on-0.11"),
+    pytest.param({"version": "0.33", "error_shape": "old"}, id="old-errors-on-0.33"),
+    pytest.param({"version": "0.33", "tool_parser": "pythonic"}, id="unknown-parser"),
+    pytest.param({"version": "0.11", "sse_keep_alive_s": 1.0}, id="keep-alive-on-0.11"),
+])
+def test_impossible_profiles_fail_fast(options: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        FakeVLLM(**options)
+
+
+# Reasoning with and without `--reasoning-parser qwen3` (A.8, A.9).
+
+THOUGHT_AND_CALL = "The user wants the weather.\n</think>\n\n" + xml("get_weather", city="Paris", days="3")
+
+
+async def test_033_qwen35_thought_and_xml_call_stream_in_the_order_of_a8() -> None:
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, THOUGHT_AND_CALL,
+                                       ask(tools=[FORECAST], chat_template_kwargs=THINK_ON), {"include_usage": True})
+    assert from_message(message_of(body)) == rebuilt(chunks) == {
+        "content": None, "reasoning": "The user wants the weather.\n",
+        "tool_calls": [("get_weather", '{"city": "Paris", "days": 3}')]}
+    assert all_deltas(chunks) == [
+        {"reasoning": "The"}, {"reasoning": " user"}, {"reasoning": " wants"}, {"reasoning": " the"},
+        {"reasoning": " weather"}, {"reasoning": ".\n"}, name_delta("get_weather"), arguments_delta('{"city": "'),
+        arguments_delta("Paris"), arguments_delta('", "days": '), arguments_delta("3}"), {}]
+    assert body["choices"][0]["finish_reason"] == finish_chunk(chunks)["choices"][0]["finish_reason"] == "tool_calls"
+    assert body["usage"]["completion_tokens_details"] == chunks[-2]["usage"]["completion_tokens_details"] == {
+        "reasoning_tokens": 6}
+
+
+async def test_033_qwen3_hybrid_thought_then_hermes_call() -> None:
+    text = "<think>\nThe user wants the weather.\n</think>\n\n" + hermes("get_current_weather", WEATHER_CALL)
+    async with qwen3_hybrid() as (fake, client):
+        body, chunks = await both_ways(client, fake, text, ask(tools=[WEATHER]))
+    assert from_message(message_of(body)) == {"content": None, "reasoning": "\nThe user wants the weather.\n",
+                                              "tool_calls": [("get_current_weather", json.dumps(WEATHER_CALL))]}
+    sent = all_deltas(chunks)
+    first_call = sent.index({"content": None, **name_delta("get_current_weather")})
+    # The "\n\n" after </think> goes to hermes, which sends it on before the call (A.8).
+    assert (sent[:first_call][-3:], sent[-1]) == ([{"reasoning": ".\n"}, {"content": "\n"}, {"content": "\n"}], {})
+    assert rebuilt(chunks) == {**from_message(message_of(body)), "content": "\n\n"}
+
+
+@pytest.mark.parametrize(("text", "reasoning", "content"), [
+    pytest.param("<think>\nThinking.\n</think>\n\nThe answer.", "\nThinking.\n", "\n\nThe answer.",
+                 id="content-after-think-is-not-stripped"),
+    pytest.param("Thinking.</think>The answer.", "Thinking.", "The answer.", id="opening-tag-optional"),
+    pytest.param("<think>\nStill thinking", "\nStill thinking", None, id="no-end-tag-all-reasoning"),
+    pytest.param("Reasoning.</think>Content.</think>More.", "Reasoning.", "Content.More.", id="duplicate-end-absorbed"),
+    pytest.param("I will call it.\n\n" + hermes("get_current_weather", WEATHER_CALL), "I will call it.\n\n", None,
+                 id="tool-call-ends-reasoning"),
+])
+async def test_033_reasoning_parser_splits_the_thought(text: str, reasoning: str, content: str | None) -> None:
+    async with qwen3_hybrid() as (fake, client):
+        fake.script(text)
+        message = message_of((await client.post(CHAT, json=ask(tools=[WEATHER]))).json())
+    assert (message["reasoning"], message["content"]) == (reasoning, content)
+
+
+async def test_033_call_written_inside_the_thought_is_parsed() -> None:
+    """`<tool_call>` ends the reasoning implicitly; the call goes on to the tool parser (vllm#39056, A.8)."""
+    text = "I should check the weather.\n" + xml("get_weather", city="Paris") + "\n</think>\n\n"
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, text, ask(tools=[FORECAST], chat_template_kwargs=THINK_ON))
+    assert from_message(message_of(body)) == {"content": None, "reasoning": "I should check the weather.\n",
+                                              "tool_calls": [("get_weather", '{"city": "Paris"}')]}
+    assert rebuilt(chunks) == from_message(message_of(body))
+
+
+async def test_033_thought_cut_by_the_limit_is_all_reasoning() -> None:
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, "Let me think about this for a long while.",
+                                       ask(chat_template_kwargs=THINK_ON, max_tokens=4))
+    assert from_message(message_of(body)) == rebuilt(chunks) == {
+        "content": None, "reasoning": "Let me think about", "tool_calls": []}
+    assert (body["choices"][0]["finish_reason"], body["usage"]["completion_tokens_details"]) == (
+        "length", {"reasoning_tokens": 4})
+    assert finish_chunk(chunks)["choices"][0] == {"index": 0, "delta": {"reasoning": " about"}, "logprobs": None,
+                                                  "finish_reason": "length", "stop_reason": None, "token_ids": None,
+                                                  "weight_versions": None}
+
+
+@pytest.mark.parametrize("kwargs", [
+    pytest.param({}, id="qwen35-default-is-off"),
+    pytest.param({"enable_thinking": False}, id="explicitly-off"),
+])
+async def test_033_prompt_closed_thought_makes_all_text_content(kwargs: dict[str, Any]) -> None:
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, "The answer.", ask(chat_template_kwargs=kwargs))
+    assert fake.requests[0].prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # type: ignore[union-attr]
+    assert from_message(message_of(body)) == rebuilt(chunks) == {
+        "content": "The answer.", "reasoning": None, "tool_calls": []}
+    assert body["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+async def test_033_include_reasoning_false_hides_the_thought() -> None:
+    async with qwen3_hybrid() as (fake, client):
+        body, chunks = await both_ways(client, fake, "<think>\nHmm.\n</think>\n\nHi.", ask(include_reasoning=False))
+    assert (message_of(body)["reasoning"], message_of(body)["content"]) == (None, "\n\nHi.")
+    assert all_deltas(chunks) == [{"content": "\n", "reasoning": None}, {"content": "\n", "reasoning": None},
+                                  {"content": "Hi", "reasoning": None}, {"content": ".", "reasoning": None}, {}]
+
+
+async def test_033_without_parsers_qwen35_text_comes_back_raw() -> None:
+    """A.9: the template opened `<think>`, so the raw output has no opening tag; tags and XML survive."""
+    async with qwen35(tool_parser=False, reasoning_parser=None) as (fake, client):
+        body, chunks = await both_ways(client, fake, THOUGHT_AND_CALL,
+                                       ask(tools=[FORECAST], tool_choice="none", chat_template_kwargs=THINK_ON))
+    assert fake.requests[0].prompt.endswith("<|im_start|>assistant\n<think>\n")  # type: ignore[union-attr]
+    assert from_message(message_of(body)) == rebuilt(chunks) == {
+        "content": THOUGHT_AND_CALL, "reasoning": None, "tool_calls": []}
+    assert body["usage"]["completion_tokens_details"] is None
+    assert "usage" not in finish_chunk(chunks)
+
+
+# The qwen3_coder tool parser (A.10).
+
+
+async def test_033_xml_arguments_are_coerced_by_the_requests_schema() -> None:
+    text = xml("get_weather", city="42", days="3", metric="True", ratio="2.50", note="null", tags='["a", 1]',
+               where='{"lat": 1.5}', extra="7")
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, text, ask(tools=[FORECAST]))
+    expected = {"city": "42", "days": 3, "metric": True, "ratio": 2.5, "note": None, "tags": ["a", 1],
+                "where": {"lat": 1.5}, "extra": "7"}
+    [(name, arguments)] = rebuilt(chunks)["tool_calls"]
+    assert (name, json.loads(arguments)) == ("get_weather", expected)
+    assert from_message(message_of(body))["tool_calls"] == [("get_weather", json.dumps(expected))]
+
+
+async def test_033_without_a_schema_xml_values_stay_strings() -> None:
+    bare = {"type": "function", "function": {"name": "get_weather"}}
+    async with qwen35() as (fake, client):
+        fake.script(xml("get_weather", days="3", metric="true"))
+        message = message_of((await client.post(CHAT, json=ask(tools=[bare]))).json())
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"days": "3", "metric": "true"}'
+
+
+@pytest.mark.parametrize(("text", "content", "arguments"), [
+    pytest.param("Sure! " + xml("get_weather", city="Paris"), "Sure!", '{"city": "Paris"}', id="content-stripped"),
+    pytest.param("\n\n" + xml("get_weather", city="Paris"), None, '{"city": "Paris"}', id="whitespace-only-is-null"),
+    pytest.param("<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>", None,
+                 '{"city": "Paris"}', id="missing-tool-call-opener"),
+    pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n2\n</parameter>\n"
+                 "</function>\n</tool_call>", None, '{"city": "Paris", "days": 2}', id="missing-parameter-end"),
+    pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\n\nNew\nYork\n\n</parameter>\n</function>\n"
+                 "</tool_call>", None, '{"city": "\\nNew\\nYork\\n"}', id="one-newline-trimmed-each-side"),
+])
+async def test_033_xml_calls_as_vllm_reads_them(text: str, content: str | None, arguments: str) -> None:
+    async with qwen35() as (fake, client):
+        fake.script(text)
+        message = message_of((await client.post(CHAT, json=ask(tools=[FORECAST]))).json())
+    assert (message["content"], message["tool_calls"][0]["function"]["arguments"]) == (content, arguments)
+
+
+async def test_033_string_values_stream_as_written_and_others_wait_until_complete() -> None:
+    text = xml("get_weather", city="New York City", days="10")
+    async with qwen35() as (fake, client):
+        body, chunks = await both_ways(client, fake, text, ask(tools=[FORECAST]))
+    fragments = [entry["function"]["arguments"] for delta in all_deltas(chunks) for entry in delta.get("tool_calls", [])
+                 if "arguments" in entry["function"]]
+    assert fragments == ['{"city": "', "New", " York", " City", '", "days": ', "10}"]
+    assert "".join(fragments) == message_of(body)["tool_calls"][0]["function"]["arguments"]
+
+
+@pytest.mark.parametrize(("options", "content"), [
+    pytest.param({}, "Sure.\n", id="qwen3_coder-swallows-the-call"),
+    pytest.param({"tool_parser": "hermes"}, "Sure.\n" + xml("get_weather", city="Paris"), id="hermes-passes-it-on"),
+    pytest.param({"tool_parser": False}, "Sure.\n" + xml("get_weather", city="Paris"), id="no-parser-passes-it-on"),
+])
+async def test_033_tool_choice_none(options: dict[str, Any], content: str) -> None:
+    """A.6: with "none" an engine parser consumes the call blocks; they show neither as calls nor as content."""
+    async with qwen35(reasoning_parser=None, **options) as (fake, client):
+        body, chunks = await both_ways(client, fake, "Sure.\n" + xml("get_weather", city="Paris"),
+                                       ask(tools=[FORECAST], tool_choice="none"))
+    assert from_message(message_of(body)) == rebuilt(chunks) == {"content": content, "reasoning": None,
+                                                                  "tool_calls": []}
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+# Templates and the default responder per family.
+
+
+async def test_033_chat_template_kwargs_reach_the_template_in_chat_and_tokenize() -> None:
+    async with serving33(template="qwen3", tool_parser=False) as (fake, client):
+        await client.post(CHAT, json=ask(chat_template_kwargs={"enable_thinking": False}))
+        await client.post(CHAT, json=ask())
+        off = await client.post("/tokenize", json={**ask(chat_template_kwargs={"enable_thinking": False}),
+                                                   "return_token_strs": True})
+    assert [record.prompt for record in fake.requests] == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"]
+    assert "".join(off.json()["token_strs"]) == fake.requests[0].prompt
+
+
+async def test_033_qwen35_template_renders_tools_history_and_this_turns_thought() -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "reasoning": "Call the tool.", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                                  "arguments": '{"city": "Paris", "days": 2}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    async with qwen35() as (fake, client):
+        await client.post(CHAT, json=ask(messages=messages, tools=[FORECAST], chat_template_kwargs=THINK_ON))
+    prompt = fake.requests[0].prompt or ""
+    assert prompt.startswith("<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>\n"
+                             + json.dumps(FORECAST, ensure_ascii=False) + "\n</tools>")
+    assert prompt.endswith(
+        "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\nCall the tool.\n</think>\n\n"
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n2\n"
+        "</parameter>\n</function>\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n"
+        "</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n")
+
+
+async def test_033_template_errors_are_400s_with_the_templates_reason() -> None:
+    async with qwen35() as (_, client):
+        response = await client.post(CHAT, json=ask(messages=[{"role": "system", "content": "only a system"}]))
+    assert (response.status_code, response.json()) == (400, error33("No user query found in messages."))
+
+
+CALC_AND_CLOCK = [CALCULATOR, CLOCK]
+QUESTION = [{"role": "user", "content": "what is 12*7, and what time is it in Seoul?"}]
+
+
+@pytest.mark.parametrize(("options", "fields", "raw"), [
+    pytest.param({"template": "qwen2.5"}, {}, hermes("calculator", {"expression": "12*7"}) + "\n"
+                 + hermes("get_current_time", {"timezone": "Asia/Seoul"}), id="qwen2.5"),
+    pytest.param({"template": "qwen3"}, {}, "<think>\nI should call calculator, get_current_time.\n</think>\n\n"
+                 + hermes("calculator", {"expression": "12*7"}) + "\n"
+                 + hermes("get_current_time", {"timezone": "Asia/Seoul"}), id="qwen3-thinking"),
+    pytest.param({"template": "qwen3"}, {"chat_template_kwargs": {"enable_thinking": False}},
+                 hermes("calculator", {"expression": "12*7"}) + "\n"
+                 + hermes("get_current_time", {"timezone": "Asia/Seoul"}), id="qwen3-not-thinking"),
+    pytest.param({"template": "qwen3.5"}, {"chat_template_kwargs": THINK_ON},
+                 "I should call calculator, get_current_time.\n</think>\n\n" + xml("calculator", expression="12*7")
+                 + "\n" + xml("get_current_time", timezone="Asia/Seoul"), id="qwen3.5-thinking"),
+    pytest.param({"template": "qwen3.5"}, {}, xml("calculator", expression="12*7") + "\n"
+                 + xml("get_current_time", timezone="Asia/Seoul"), id="qwen3.5-not-thinking"),
+])
+async def test_033_default_responder_writes_each_familys_raw_output(options: dict[str, Any], fields: dict[str, Any],
+                                                                   raw: str) -> None:
+    """Text mode: tools rendered by the model's own template (tool_choice "none"), no parser on the server."""
+    async with serving33(tool_parser=False, **options) as (_, client):
+        body = (await client.post(CHAT, json=ask(messages=QUESTION, tools=CALC_AND_CLOCK, tool_choice="none",
+                                                 **fields))).json()
+    assert body["choices"][0]["message"]["content"] == raw
+
+
+@pytest.mark.parametrize("server", [qwen35, qwen3_hybrid])
+async def test_033_default_responder_calls_through_the_recommended_parsers(server: Callable[..., Serving]) -> None:
+    async with server() as (_, client):
+        body = (await client.post(CHAT, json=ask(messages=QUESTION, tools=CALC_AND_CLOCK,
+                                                 chat_template_kwargs=THINK_ON))).json()
+    assert from_message(message_of(body)) == {
+        "content": None, "reasoning": ("" if server is qwen35 else "\n") + "I should call calculator, "
+        "get_current_time.\n", "tool_calls": [("calculator", '{"expression": "12*7"}'),
+                                              ("get_current_time", '{"timezone": "Asia/Seoul"}')]}
+
+
+async def test_033_default_responder_answers_tool_results_after_thinking() -> None:
+    history = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "84"}]
+    async with qwen35() as (_, client):
+        body = (await client.post(CHAT, json=ask(messages=history, tools=CALC_AND_CLOCK,
+                                                 chat_template_kwargs=THINK_ON))).json()
+    assert from_message(message_of(body)) == {"content": "\n\nThe results: 84.", "reasoning": "I have the results.\n",
+                                              "tool_calls": []}
+
+
+async def test_033_cli_serves_a_profile() -> None:
+    script = Path(__file__).with_name("fake_vllm.py")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), "--port", "0", "--version", "0.33", "--template", "qwen3.5",
+        "--tool-call-parser", "qwen3_coder", "--reasoning-parser", "qwen3", stdout=asyncio.subprocess.PIPE)
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
+        url = re.fullmatch(r"fake vLLM listening on (http://127\.0\.0\.1:\d+)\n", line)
+        assert url is not None
+        async with httpx.AsyncClient(base_url=url.group(1), timeout=5) as client:
+            body = (await client.post(CHAT, json=ask(messages=QUESTION, tools=CALC_AND_CLOCK,
+                                                     chat_template_kwargs=THINK_ON))).json()
+            version = (await client.get("/version")).json()
+        assert (version, body["model"], [call["function"]["name"] for call in body["choices"][0]["message"][
+            "tool_calls"]]) == ({"version": "0.33.0"}, QWEN35, ["calculator", "get_current_time"])
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+# vLLM 0.33's own qwen3 reasoning-parser and qwen3_coder tool-parser cases (tests/vllm_parser_cases.py), run
+# through the fake's parsers at the level each vLLM test drives: the parser engine alone (tests/reasoning,
+# tests/tool_parsers, tests/parser/engine) or the composed server parser (tests/parser/test_streaming.py).
+# Streamed cases run twice: fed the test's own pieces, and token by token with the fake's Qwen3 tokenizer.
+
+QWEN3_MARKUP = special_tokens("qwen3")
+
+
+def piece_tokens(test: str, piece: str, by_token: bool) -> list[str]:
+    """The tokens a test's harness passes with a piece: all of them, as a tokenizer would, except in the tool
+    engine tests, whose mock tokenizer gives ids only for markup a piece holds whole (and vLLM's scanner then
+    anchors on those ids, dropping text after them)."""
+    tokens = tokenize(piece, "qwen3")
+    if test.startswith(ENGINE_TEST) and not by_token:
+        return [token for token in tokens if token in QWEN3_MARKUP]
+    return tokens
+
+
+def pieces(case: ReasoningCase | ToolCase, by_token: bool) -> list[str]:
+    return tokenize("".join(case.chunks), "qwen3") if by_token else list(case.chunks)
+
+
+def agrees(actual: str | None, expected: Expected, streamed: bool) -> bool:
+    """A Contains checks parts; a streamed "" (the test joined nothing) also accepts the fake's None."""
+    if isinstance(expected, Contains):
+        text = actual or ""
+        return all(part in text for part in expected.parts) and not any(part in text for part in expected.absent)
+    return actual == expected or (streamed and expected == "" and actual is None)
+
+
+def collect(deltas_seen: list[dict[str, Any] | None]) -> tuple[str | None, str | None, list[tuple[str, str]]]:
+    """Content and reasoning concatenated (None when never sent) and calls by index, from parser deltas."""
+    fields: dict[str, str | None] = {"content": None, "reasoning": None}
+    calls: dict[int, list[str]] = {}
+    for delta in deltas_seen:
+        for key in fields:
+            if (delta or {}).get(key):
+                fields[key] = (fields[key] or "") + delta[key]  # type: ignore[index]
+        for entry in (delta or {}).get("tool_calls") or ():
+            call = calls.setdefault(entry["index"], ["", ""])
+            call[0] += entry["function"].get("name", "")
+            call[1] += entry["function"].get("arguments", "")
+    return fields["content"], fields["reasoning"], [(name, args) for _, (name, args) in sorted(calls.items())]
+
+
+def engine(thinking: bool, tools: list[dict[str, Any]] | None = None, *, reasoning: bool = False) -> Qwen3Parser:
+    """The qwen3 engine as vLLM's parser tests build it: the reasoning parser skips tool markup."""
+    return Qwen3Parser("0.33", thinking=thinking, tools=tools, token_terminals=QWEN3_MARKUP,
+                       skip_tool_parsing=reasoning)
+
+
+def composed(case: ReasoningCase | ToolCase, tools: list[dict[str, Any]] | None) -> Parser:
+    """The server's parser as tests/parser/test_streaming.py builds it, with an empty prompt."""
+    tool_parser = case.tool_parser if isinstance(case, ToolCase) else None
+    reasoning = not isinstance(case, ToolCase) or case.reasoning_parser == "qwen3"
+    return Parser("0.33", ParserConfig(tool_parser, reasoning, "qwen3"),
+                  ChatOptions(tools, "auto" if tools else "none", thinking=getattr(case, "thinking", True)), [])
+
+
+def runs(cases: list[Any]) -> list[Any]:
+    """Each case whole; a streamed case by its pieces and token by token."""
+    return [pytest.param(case, by_token, id=f"{mode}-{case.test}") for case in cases
+            for by_token, mode in ([(False, "pieces"), (True, "tokens")] if case.streamed else [(False, "whole")])]
+
+
+def run_stream(case: ReasoningCase | ToolCase, step: Callable[[str, list[str], bool], dict[str, Any] | None],
+               by_token: bool) -> tuple[str | None, str | None, list[tuple[str, str]]]:
+    parts = pieces(case, by_token)
+    return collect([step(piece, piece_tokens(case.test, piece, by_token), i == len(parts) - 1)
+                    for i, piece in enumerate(parts)])
+
+
+@pytest.mark.parametrize(("case", "by_token"), runs(REASONING_CASES))
+def test_vllm_qwen3_reasoning_cases(case: ReasoningCase, by_token: bool) -> None:
+    if not case.streamed:
+        reasoning, content = engine(case.thinking, reasoning=True).extract_reasoning("".join(case.chunks))
+    elif case.test.startswith(STREAMING_TEST):
+        parser = composed(case, None)
+        content, reasoning, _ = run_stream(case, parser.parse_delta, by_token)
+    else:
+        parser_engine = engine(case.thinking, reasoning=True)
+        content, reasoning, _ = run_stream(case, lambda text, tokens, _: parser_engine.stream_reasoning(text, tokens),
+                                           by_token)
+    assert agrees(reasoning, case.reasoning, case.streamed), reasoning
+    assert agrees(content, case.content, case.streamed), content
+
+
+def calls_agree(actual: list[tuple[str, str]], case: ToolCase) -> bool:
+    """Names, and arguments after json.loads where the test checks them, in the test's `calls_checked` mode."""
+    def same(call: tuple[str, str], expected: Call) -> bool:
+        return call[0] == expected.name and (expected.arguments is None or json.loads(call[1]) == expected.arguments)
+
+    if case.calls_checked == "some":
+        return all(any(same(call, expected) for call in actual) for expected in case.calls)
+    checked = actual[len(actual) - len(case.calls):] if case.calls_checked == "last" else actual
+    return len(checked) == len(case.calls) and all(map(same, checked, case.calls))
+
+
+@pytest.mark.parametrize(("case", "by_token"), runs(TOOL_CASES))
+def test_vllm_qwen3_coder_and_hermes_cases(case: ToolCase, by_token: bool) -> None:
+    tools = [{"type": "function", "function": {"name": name, "parameters": parameters}}
+             for name, parameters in case.tools.items()] or None
+    reasoning: str | None = None
+    if not case.streamed:
+        parser = engine(False, tools)
+        parser.check_request(tools, "auto")
+        extracted = parser.extract_calls("".join(case.chunks))
+        content, calls = extracted.content, [(name, arguments) for _, name, arguments in extracted.calls]
+    elif case.reasoning_parser is not None or case.tool_parser == "hermes":
+        content, reasoning, calls = run_stream(case, composed(case, tools).parse_delta, by_token)
+    else:
+        parser = engine(False, tools)
+        parser.check_request(tools, "auto")
+        content, _, calls = run_stream(case, lambda text, tokens, _: parser.stream_calls(text, tokens), by_token)
+    assert calls_agree(calls, case), calls
+    assert agrees(content, case.content, case.streamed), content
+    if case.reasoning_parser is not None:
+        assert agrees(reasoning, case.reasoning, case.streamed), reasoning
