@@ -1,14 +1,20 @@
 """vLLM agent service: REST, SSE and a Gradio page over one tool-using agent.
 
   1. Settings     Settings: env vars and .env, validated at startup
-  2. Errors       AgentError tree; each class carries its HTTP status
-  3. Schemas      request/response bodies and stream events
-  4. vLLM client  VLLMClient: chat completions (plain and streamed); transport errors translated here
-  5. Parsing      pure functions: Qwen/Hermes text and tool-call arguments -> calls; streaming text filter
-  6. Memory       ConversationStore: SQLAlchemy Core on SQLite or PostgreSQL, one transaction a turn, leases;
-                  SQLiteWriter: SQLite's writes on one thread of their own
-  7. Agent        Agent.run_turn(): the loop, an async generator of events; context-window fitting
-  8. App          create_app(), lifespan, auth, request ids, error handlers, /api/v1 routes and SSE framing
+  2. Errors       the AgentError tree below; each class carries its HTTP status
+  3. Schemas      request/response bodies, stream events, FunctionCall (one tool call, wire to history)
+  4. Parsing      pure functions: Hermes text -> calls; tool-call arguments; the streaming text filter
+  5. vLLM client  VLLMClient: one POST, retried; transport errors translated here; one marked hot path
+  6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns
+  7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes
+  8. App          create_app(), lifespan, auth, request context, routes and SSE framing
+
+  AgentError 500
+  ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, ConversationBusy 409,
+  │                    ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422
+  ├── LLMError 502 ── LLMTimeout 504 ── TurnTimeout 504
+  ├── VLLMBusy 503 (Retry-After)
+  └── ToolExecutionError 500
 """
 
 import asyncio
@@ -17,20 +23,17 @@ import gc
 import hmac
 import json
 import logging
-import queue
 import re
 import secrets
-import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import lru_cache
 from pathlib import Path
-from types import TracebackType
 from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
@@ -47,6 +50,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import (
     JSON,
     Column,
+    Connection,
+    Engine,
     Float,
     ForeignKey,
     Index,
@@ -57,6 +62,7 @@ from sqlalchemy import (
     Text,
     and_,
     bindparam,
+    create_engine,
     delete,
     insert,
     or_,
@@ -64,7 +70,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy.engine import URL, Connection, Dialect, Engine, create_engine, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -72,6 +78,7 @@ from tools import REGISTRY, ToolRegistry, ToolResult
 from ui import mount_ui
 
 logger = logging.getLogger("agent_app")
+access_logger = logging.getLogger("agent_app.access")
 T = TypeVar("T")
 
 # --- 1. Settings ---
@@ -170,6 +177,49 @@ class AgentError(Exception):
     headers: dict[str, str] | None = None
 
 
+class ClientError(AgentError):
+    """The request cannot be served as it is; sending it again unchanged will not help."""
+
+    status_code = 400
+
+
+class Unauthorized(ClientError):
+    """API_KEY is set and the request did not carry it."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 - constant header of every 401
+
+
+class ConversationNotFound(ClientError):
+    """The conversation id is unknown (or was deleted)."""
+
+    status_code = 404
+
+
+class ConversationBusy(ClientError):
+    """Another turn of the same conversation is still running."""
+
+    status_code = 409
+
+
+class ContentTooLarge(ClientError):
+    """The user message is longer than MAX_CONTENT_CHARS."""
+
+    status_code = 413
+
+
+class ContextTooLong(ClientError):
+    """The prompt does not fit the model's context window, even with the oldest turns left out."""
+
+    status_code = 413
+
+
+class InvalidCursor(ClientError):
+    """A pagination cursor that this service did not hand out."""
+
+    status_code = 422
+
+
 class LLMError(AgentError):
     """vLLM was unreachable, answered with an error, or sent a reply we cannot read."""
 
@@ -182,14 +232,8 @@ class LLMTimeout(LLMError):
     status_code = 504
 
 
-class ContextTooLong(LLMError):
-    """vLLM refused the request because the prompt does not fit the model's context window."""
-
-    status_code = 413
-
-
-class AutoToolChoiceUnsupported(LLMError):
-    """vLLM was started without `--enable-auto-tool-choice`, so it rejects a request with `tools`."""
+class TurnTimeout(LLMTimeout):
+    """A whole turn took longer than TURN_TIMEOUT_S."""
 
 
 class VLLMBusy(AgentError):
@@ -202,45 +246,10 @@ class VLLMBusy(AgentError):
         self.headers = {"Retry-After": str(retry_after_s)}
 
 
-class Unauthorized(AgentError):
-    """API_KEY is set and the request did not carry it."""
-
-    status_code = 401
-    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 - constant header of every 401
-
-
 class ToolExecutionError(AgentError):
     """A tool failed in a way that cannot be handed back to the model."""
 
     status_code = 500
-
-
-class TurnTimeout(LLMTimeout):
-    """A whole turn took longer than TURN_TIMEOUT_S."""
-
-
-class ConversationNotFound(AgentError):
-    """The conversation id is unknown (or was deleted)."""
-
-    status_code = 404
-
-
-class ConversationBusy(AgentError):
-    """Another turn of the same conversation is still running."""
-
-    status_code = 409
-
-
-class InvalidCursor(AgentError):
-    """A pagination cursor that this service did not hand out."""
-
-    status_code = 422
-
-
-class ContentTooLarge(AgentError):
-    """The user message is longer than MAX_CONTENT_CHARS."""
-
-    status_code = 413
 
 
 # --- 3. Schemas ---
@@ -288,11 +297,16 @@ class ToolCallRecord(BaseModel):
 
 
 class Usage(BaseModel):
-    """Token counts summed over every vLLM call of a turn."""
+    """Token counts of one vLLM call, or summed over every call of a turn."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+                     completion_tokens=self.completion_tokens + other.completion_tokens,
+                     total_tokens=self.total_tokens + other.total_tokens)
 
 
 class ChatResponse(BaseModel):
@@ -414,380 +428,32 @@ class Health(BaseModel):
     vllm: VLLMStatus
 
 
-# --- 4. vLLM client ---
-
-CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
-DEFAULT_MAX_MODEL_LEN = 32_768
-MAX_MODEL_LEN_RETRY_S = 60.0  # after a failed GET /v1/models; not once per LLM call
-STREAM_CUT = "vLLM's stream ended before [DONE]"
-AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
-REQUEST_ECHO = re.compile(r"""['"]input['"]\s*:""")  # where vLLM's validation errors start repeating the body
-JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps with options builds an encoder per call
-
-
-class EncodedJson(str):
-    """A value's JSON text, encoded once: request bodies take it as it is (the tool list, on every call)."""
-
-
-def encode_body(payload: dict[str, Any]) -> bytes:
-    """The request body as JSON, EncodedJson values included as they are."""
-    fields = []
-    for key, value in payload.items():
-        text = value if isinstance(value, EncodedJson) else JSON_ENCODER.encode(value)
-        fields.append(f"{JSON_ENCODER.encode(key)}:{text}")
-    return f"{{{','.join(fields)}}}".encode()
-
-
-async def read_body(response: httpx.Response) -> bytes:
-    """The whole body, straight off the transport's stream.
-
-    Response.aread() would add a decoder and a chunker per call, for nothing: requests ask vLLM for no
-    content encoding.
-    """
-    return b"".join([chunk async for chunk in response.stream])
-
-
-@dataclass(frozen=True, slots=True)
-class WireToolCall:
-    """A tool call as vLLM sent it; `arguments` is the raw JSON text."""
-
-    id: str
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    """One chat completion: text before any tool call, the calls, and the token counts."""
-
-    content: str
-    tool_calls: list[WireToolCall]
-    finish_reason: str | None
-    usage: tuple[int, int, int] | None
-
-
-def loads_json(text: str | bytes) -> Any:
-    """json.loads whose only failure is ValueError: JSON nested too deep for Python's parser is invalid too."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def upstream_error_message(body: bytes) -> str:
-    """vLLM's error text from either body shape, the 401 string form, or a bare body, at most 500 characters.
-
-    vLLM's validation errors repeat the request body, prompt included: the text is cut where that starts.
-    """
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        payload = loads_json(text)
-    except ValueError:
-        payload = None
-    message = text
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict):
-            message = str(error.get("message") or error)
-        else:
-            message = str(error or payload.get("message") or payload.get("detail") or text)
-    if echo := REQUEST_ECHO.search(message):
-        message = message[: echo.start()].rstrip(" ,") + " …"
-    return message[:500] or "empty response body"
-
-
-def read_usage(payload: Any) -> tuple[int, int, int] | None:
-    """Token counts from a `usage` object, or None when vLLM sent none."""
-    if not isinstance(payload, dict):
-        return None
-    prompt, completion = int(payload.get("prompt_tokens") or 0), int(payload.get("completion_tokens") or 0)
-    return prompt, completion, int(payload.get("total_tokens") or prompt + completion)
-
-
-def read_completion(body: bytes) -> Completion:
-    """Turn a non-streaming response body into a Completion, whatever extra keys the version adds."""
-    try:
-        payload = loads_json(body)
-        choice = payload["choices"][0]
-        message = choice["message"]
-        calls = [
-            WireToolCall(
-                call.get("id") or new_call_id(),
-                call["function"]["name"],
-                call["function"].get("arguments") or "",
-            )
-            for call in message.get("tool_calls") or []
-        ]
-        return Completion(message.get("content") or "", calls, choice.get("finish_reason"),
-                          read_usage(payload.get("usage")))
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise LLMError("vLLM sent a reply that is not a chat completion") from exc
-
-
-class StreamAssembler:
-    """Rebuilds a Completion from streamed chunks: calls by index (never by id), content before calls."""
-
-    def __init__(self) -> None:
-        self.content: list[str] = []
-        self.calls: dict[int, list[Any]] = {}
-        self.finish_reason: str | None = None
-        self.usage: tuple[int, int, int] | None = None
-        self.done = False
-
-    def feed(self, data: str) -> str:
-        """Take one `data:` payload; return the new visible-candidate text (before any tool call)."""
-        if data == "[DONE]":
-            self.done = True
-            return ""
-        try:
-            chunk = loads_json(data)
-        except ValueError as exc:
-            raise LLMError("vLLM sent an unreadable stream chunk") from exc
-        if not isinstance(chunk, dict):
-            raise LLMError("vLLM sent an unreadable stream chunk")
-        if "error" in chunk:
-            raise LLMError(f"vLLM reported an error: {upstream_error_message(data.encode())}")
-        if chunk.get("usage"):
-            self.usage = read_usage(chunk["usage"])
-        text = ""
-        for choice in chunk.get("choices") or ():
-            if choice.get("index", 0) == 0:
-                text += self._feed_choice(choice)
-        return text
-
-    def _feed_choice(self, choice: dict[str, Any]) -> str:
-        delta = choice.get("delta") or {}
-        for call in delta.get("tool_calls") or ():
-            slot = self.calls.setdefault(call.get("index", 0), [None, "", []])
-            function = call.get("function") or {}
-            slot[0] = call.get("id") or slot[0]
-            slot[1] = function.get("name") or slot[1]
-            if function.get("arguments"):
-                slot[2].append(function["arguments"])
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
-        content = delta.get("content")
-        if not content or self.calls:
-            return ""
-        self.content.append(content)
-        return content
-
-    def completion(self) -> Completion:
-        calls = [
-            WireToolCall(call_id or new_call_id(), name, "".join(arguments))
-            for _, (call_id, name, arguments) in sorted(self.calls.items())
-        ]
-        return Completion("".join(self.content), calls, self.finish_reason, self.usage)
-
-
-class TransportErrors:
-    """`with` it: httpx's exceptions stop here, and what reaches the agent is an LLMError.
-
-    One instance per client, entered several times a call: a @contextmanager would build a generator
-    every time.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            raise LLMError(f"vLLM is not reachable at {self.url}: {exc}") from exc
-        if isinstance(exc, httpx.TimeoutException):
-            raise LLMTimeout(f"vLLM at {self.url} did not answer in time") from exc
-        if isinstance(exc, httpx.TransportError):
-            raise LLMError(f"the connection to vLLM at {self.url} failed: {exc}") from exc
-
-
-class ConcurrencySlots:
-    """`async with` it: one of VLLM_MAX_CONCURRENCY slots, waited for at most VLLM_QUEUE_TIMEOUT_S.
-
-    A class rather than an @asynccontextmanager: entered once per vLLM call, it builds nothing per use.
-    """
-
-    def __init__(self, slots: int, queue_timeout_s: float) -> None:
-        self._slots = asyncio.Semaphore(slots)
-        self._queue_timeout_s = queue_timeout_s
-
-    async def __aenter__(self) -> None:
-        try:
-            if self._slots.locked():  # only a wait needs the timer; a free slot is taken without one
-                async with asyncio.timeout(self._queue_timeout_s):
-                    await self._slots.acquire()
-            else:
-                await self._slots.acquire()
-        except TimeoutError:
-            raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
-                           retry_after_s=max(1, round(self._queue_timeout_s))) from None
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        traceback: TracebackType | None) -> None:
-        self._slots.release()
-
-
-def error_for_status(status: int, body: bytes) -> LLMError:
-    """Map a non-200 vLLM answer to the error type the agent acts on."""
-    message = upstream_error_message(body)
-    if status == 400 and CONTEXT_LENGTH_MESSAGE.search(message):
-        return ContextTooLong(f"the conversation is too long for the model: {message}")
-    if status == 400 and AUTO_TOOL_CHOICE_MESSAGE.search(message):
-        return AutoToolChoiceUnsupported(message)
-    return LLMError(f"vLLM answered {status}: {message}")
-
-
-def vllm_timeout(settings: Settings) -> httpx.Timeout:
-    """One definition for the shared client and for the chat requests sent straight to its transport."""
-    return httpx.Timeout(settings.vllm_timeout_s, connect=settings.vllm_connect_timeout_s)
-
-
-class VLLMClient:
-    """Talks to vLLM's OpenAI-compatible API over the process's shared httpx client and its transport.
-
-    Chat completions, the hot path, go straight to the client's transport as httpx Requests: vLLM uses
-    none of the client's cookie, auth, redirect and hook layers, and they cost a third of each call.
-    Their Requests come with every header set here (Host and Content-Length too) and the body as a stream,
-    which spares httpx's header preparation, about half the cost of building one.
-    """
-
-    def __init__(self, http: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, settings: Settings) -> None:
-        self._http = http
-        self._transport = transport
-        self._timeout = {"timeout": vllm_timeout(settings).as_dict()}
-        self.base_url = settings.vllm_base_url
-        self.model = settings.vllm_model
-        self._chat_url = httpx.URL(f"{settings.vllm_base_url}/v1/chat/completions")  # parsed once, not per call
-        self._headers = {"content-type": "application/json"}
-        if settings.vllm_api_key is not None:
-            self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
-        self._chat_headers = [(b"host", self._chat_url.netloc), (b"accept-encoding", b"identity"),
-                              *((name.encode(), value.encode()) for name, value in self._headers.items())]
-        self._max_model_len: int | None = None
-        self._max_model_len_asked_at: float | None = None
-        self._slot = ConcurrencySlots(settings.vllm_max_concurrency, settings.vllm_queue_timeout_s)
-        self._transport_errors = TransportErrors(settings.vllm_base_url)
-        self._retries = settings.vllm_max_retries
-        self._backoff_s = settings.vllm_retry_backoff_s
-
-    async def complete(self, payload: dict[str, Any]) -> Completion:
-        """One non-streaming chat completion."""
-        async with self._slot:
-            response = await self._post(encode_body({**payload, "model": self.model}))
-            try:
-                with self._transport_errors:
-                    body = await read_body(response)
-            finally:
-                await response.aclose()
-        return read_completion(body)
-
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[str | Completion]:
-        """Stream a chat completion: text pieces as they arrive, then the assembled Completion."""
-        request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
-        assembler = StreamAssembler()
-        async with self._slot:
-            response = await self._post(encode_body(request))
-            try:
-                pending = b""
-                async for chunk in response.stream:
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    # One piece per network read, not per event: under load a read holds many tokens.
-                    text = "".join(assembler.feed(line[5:].strip().decode()) for line in lines
-                                   if line.startswith(b"data:") and not assembler.done)
-                    if text:
-                        yield text
-                    if assembler.done:
-                        break
-            except httpx.TimeoutException as exc:
-                raise LLMTimeout(f"vLLM at {self.base_url} stopped sending in the middle of a reply") from exc
-            except httpx.TransportError as exc:
-                raise LLMError(STREAM_CUT) from exc
-            finally:
-                await response.aclose()
-        if not assembler.done:
-            raise LLMError(STREAM_CUT)
-        yield assembler.completion()
-
-    async def max_model_len(self) -> int:
-        """The model's context window from GET /v1/models, asked once; 32768 while vLLM can't say.
-
-        A failed answer is asked again at most once a minute, not on every call.
-        """
-        now = time.monotonic()
-        asked_at = self._max_model_len_asked_at
-        if self._max_model_len is None and (asked_at is None or now - asked_at >= MAX_MODEL_LEN_RETRY_S):
-            self._max_model_len_asked_at = now
-            try:
-                response = await self._http.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=5.0)
-                cards = response.json()["data"] if response.status_code == 200 else []
-                lengths = [card.get("max_model_len") for card in cards if card.get("id") == self.model]
-                self._max_model_len = int(lengths[0]) if lengths and lengths[0] else None
-            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
-                logger.info("could not read max_model_len from vLLM's /v1/models")
-        return self._max_model_len or DEFAULT_MAX_MODEL_LEN
-
-    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:
-        """Exact prompt size from vLLM's POST /tokenize (chat template applied), or None if unavailable."""
-        body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
-        if tools:
-            body["tools"] = tools
-        try:
-            response = await self._http.post(f"{self.base_url}/tokenize", json=body, headers=self._headers)
-            return int(response.json()["count"]) if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return None
-
-    async def is_reachable(self) -> bool:
-        """True when vLLM's /health answers 200 within a second."""
-        try:
-            response = await self._http.get(f"{self.base_url}/health", timeout=1.0)
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
-
-    async def _post(self, content: bytes) -> httpx.Response:
-        """POST a chat completion, retrying connection errors and 5xx; the 200 response, for the caller to close."""
-        attempt = 0
-        while True:
-            last = attempt == self._retries
-            try:
-                response = await self._send(content)
-            except LLMTimeout:
-                raise
-            except LLMError:
-                if last:
-                    raise
-            else:
-                if response.status_code == 200:
-                    return response
-                try:
-                    with self._transport_errors:
-                        body = await read_body(response)
-                finally:
-                    await response.aclose()
-                if last or response.status_code < 500:
-                    raise error_for_status(response.status_code, body)
-            logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
-            await asyncio.sleep(self._backoff_s * 2**attempt)
-            attempt += 1
-
-    async def _send(self, content: bytes) -> httpx.Response:
-        headers = [*self._chat_headers, (b"content-length", str(len(content)).encode())]
-        request = httpx.Request("POST", self._chat_url, headers=headers, stream=httpx.ByteStream(content),
-                                extensions=self._timeout)
-        request.read()  # a stream Request is unread until then; transports and mocks read .content
-        with self._transport_errors:
-            return await self._transport.handle_async_request(request)
-
 
 def new_call_id() -> str:
     """A tool-call id in vLLM's style, for calls that arrived without one."""
     return f"chatcmpl-tool-{secrets.token_hex(16)}"
 
 
-# --- 5. Parsing ---
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """One tool call, from vLLM's reply (or the model's text) to the stored history.
+
+    `error` says why the call could not be read; the model is told instead of a tool being run. The id is
+    left out of comparisons: a call read from text gets a fresh one.
+    """
+
+    name: str
+    arguments: dict[str, Any]
+    error: str | None = None
+    id: str = field(default_factory=new_call_id, compare=False)
+
+    def wire(self) -> dict[str, Any]:
+        """The call as vLLM expects it in history: arguments always a valid JSON string."""
+        arguments = json.dumps(self.arguments, ensure_ascii=False)
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+
+
+# --- 4. Parsing ---
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
@@ -805,20 +471,19 @@ HERMES_TOOLS_FOOTER = (
 
 
 @dataclass(frozen=True, slots=True)
-class ParsedCall:
-    """A tool call read from text; `error` says why it could not be read (the model is told)."""
-
-    name: str
-    arguments: dict[str, Any]
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class ParsedReply:
     """Model text split into what the user sees and the tool calls it holds."""
 
     content: str
-    calls: tuple[ParsedCall, ...] = ()
+    calls: tuple[FunctionCall, ...] = ()
+
+
+def loads_json(text: str | bytes) -> Any:
+    """json.loads whose only failure is ValueError: JSON nested too deep for Python's parser is invalid too."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
 
 
 def close_json(text: str) -> str:
@@ -882,7 +547,7 @@ def decode_arguments(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def parse_call_block(body: str) -> list[ParsedCall]:
+def parse_call_block(body: str) -> list[FunctionCall]:
     """Read the JSON object(s) inside one <tool_call> block; unreadable text becomes an error call."""
     decoder = json.JSONDecoder()
     text, calls = body.strip(), []
@@ -895,7 +560,7 @@ def parse_call_block(body: str) -> list[ParsedCall]:
                 payload = loads_lenient(text)
             except ValueError as exc:
                 guess = TOOL_NAME_IN_TEXT.search(text)
-                calls.append(ParsedCall(guess.group(1) if guess else "", {},
+                calls.append(FunctionCall(guess.group(1) if guess else "", {},
                                         f"the tool call is not valid JSON ({exc}); send it again"))
                 break
         calls.append(read_call_object(payload))
@@ -903,15 +568,15 @@ def parse_call_block(body: str) -> list[ParsedCall]:
     return calls
 
 
-def read_call_object(payload: Any) -> ParsedCall:
+def read_call_object(payload: Any) -> FunctionCall:
     """One `{"name": ..., "arguments": ...}` object (Qwen sometimes writes "parameters")."""
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
-        return ParsedCall("", {}, 'a tool call must be a JSON object with a "name" string')
+        return FunctionCall("", {}, 'a tool call must be a JSON object with a "name" string')
     raw = payload["arguments"] if "arguments" in payload else payload.get("parameters")
     try:
-        return ParsedCall(payload["name"], decode_arguments(raw))
+        return FunctionCall(payload["name"], decode_arguments(raw))
     except ValueError as exc:
-        return ParsedCall(payload["name"], {}, f"the arguments are not a valid JSON object ({exc})")
+        return FunctionCall(payload["name"], {}, f"the arguments are not a valid JSON object ({exc})")
 
 
 def parse_hermes_reply(text: str) -> ParsedReply:
@@ -957,6 +622,337 @@ class VisibleTextFilter:
         return pending if pending == "<" and not self._closed else ""
 
 
+
+# --- 5. vLLM client ---
+
+CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
+DEFAULT_MAX_MODEL_LEN = 32_768
+MAX_MODEL_LEN_RETRY_S = 60.0  # after a failed GET /v1/models; not once per LLM call
+STREAM_CUT = "vLLM's stream ended before [DONE]"
+AUTO_TOOL_CHOICE_MESSAGE = re.compile(r"auto\W+tool choice requires --enable-auto-tool-choice")
+REQUEST_ECHO = re.compile(r"""['"]input['"]\s*:""")  # where vLLM's validation errors start repeating the body
+
+
+class NoToolParser(Exception):
+    """Internal signal, not an API error: vLLM was started without `--enable-auto-tool-choice`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One chat completion: text before any tool call, the calls, and the token counts."""
+
+    content: str
+    tool_calls: list[FunctionCall]
+    finish_reason: str | None
+    usage: Usage | None
+
+
+def upstream_error_message(body: bytes) -> str:
+    """vLLM's error text from either body shape, the 401 string form, or a bare body, at most 500 characters.
+
+    vLLM's validation errors repeat the request body, prompt included: the text is cut where that starts.
+    """
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = loads_json(text)
+    except ValueError:
+        payload = None
+    message = text
+    if isinstance(payload, dict):
+        error = payload.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message") or error)
+        else:
+            message = str(error or payload.get("message") or payload.get("detail") or text)
+    if echo := REQUEST_ECHO.search(message):
+        message = message[: echo.start()].rstrip(" ,") + " …"
+    return message[:500] or "empty response body"
+
+
+def error_for_status(status: int, body: bytes) -> Exception:
+    """Map a non-200 vLLM answer to the error the agent acts on."""
+    message = upstream_error_message(body)
+    if status == 400 and CONTEXT_LENGTH_MESSAGE.search(message):
+        return ContextTooLong(f"the conversation is too long for the model: {message}")
+    if status == 400 and AUTO_TOOL_CHOICE_MESSAGE.search(message):
+        return NoToolParser(message)
+    return LLMError(f"vLLM answered {status}: {message}")
+
+
+def read_usage(payload: Any) -> Usage | None:
+    """Token counts from a `usage` object, or None when vLLM sent none."""
+    if not isinstance(payload, dict):
+        return None
+    prompt, completion = int(payload.get("prompt_tokens") or 0), int(payload.get("completion_tokens") or 0)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=int(payload.get("total_tokens") or prompt + completion))
+
+
+def read_call(call_id: str | None, name: str, raw_arguments: str) -> FunctionCall:
+    """A call vLLM parsed; arguments that are not a JSON object become the call's error."""
+    try:
+        return FunctionCall(name, decode_arguments(raw_arguments), id=call_id or new_call_id())
+    except ValueError as exc:
+        return FunctionCall(name, {}, f"the arguments are not valid JSON ({exc})", id=call_id or new_call_id())
+
+
+def read_completion(body: bytes) -> Completion:
+    """Turn a non-streaming response body into a Completion, whatever extra keys the version adds."""
+    try:
+        payload = loads_json(body)
+        choice = payload["choices"][0]
+        message = choice["message"]
+        calls = [read_call(call.get("id"), call["function"]["name"], call["function"].get("arguments") or "")
+                 for call in message.get("tool_calls") or []]
+        return Completion(message.get("content") or "", calls, choice.get("finish_reason"),
+                          read_usage(payload.get("usage")))
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise LLMError("vLLM sent a reply that is not a chat completion") from exc
+
+
+class StreamAssembler:
+    """Rebuilds a Completion from streamed chunks: calls by index (never by id), content before calls."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.done = False
+
+    def feed(self, data: str) -> str:
+        """Take one `data:` payload; return the new visible-candidate text (before any tool call)."""
+        if data == "[DONE]":
+            self.done = True
+            return ""
+        try:
+            chunk = loads_json(data)
+        except ValueError as exc:
+            raise LLMError("vLLM sent an unreadable stream chunk") from exc
+        if not isinstance(chunk, dict):
+            raise LLMError("vLLM sent an unreadable stream chunk")
+        if "error" in chunk:
+            raise LLMError(f"vLLM reported an error: {upstream_error_message(data.encode())}")
+        if chunk.get("usage"):
+            self.usage = read_usage(chunk["usage"])
+        return "".join(self._feed_choice(choice) for choice in chunk.get("choices") or ()
+                       if choice.get("index", 0) == 0)
+
+    def _feed_choice(self, choice: dict[str, Any]) -> str:
+        delta = choice.get("delta") or {}
+        for call in delta.get("tool_calls") or ():
+            slot = self.calls.setdefault(call.get("index", 0), [None, "", []])
+            function = call.get("function") or {}
+            slot[0] = call.get("id") or slot[0]
+            slot[1] = function.get("name") or slot[1]
+            if function.get("arguments"):
+                slot[2].append(function["arguments"])
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        content = delta.get("content")
+        if not content or self.calls:
+            return ""
+        self.content.append(content)
+        return content
+
+    def completion(self) -> Completion:
+        calls = [read_call(call_id, name, "".join(arguments))
+                 for _, (call_id, name, arguments) in sorted(self.calls.items())]
+        return Completion("".join(self.content), calls, self.finish_reason, self.usage)
+
+
+@contextmanager
+def transport_errors(url: str) -> Iterator[None]:
+    """httpx's exceptions stop here: what reaches the agent is an LLMError."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise LLMError(f"vLLM is not reachable at {url}: {exc}") from exc
+    except httpx.TimeoutException as exc:
+        raise LLMTimeout(f"vLLM at {url} did not answer in time") from exc
+    except httpx.TransportError as exc:
+        raise LLMError(f"the connection to vLLM at {url} failed: {exc}") from exc
+
+
+def vllm_timeout(settings: Settings) -> httpx.Timeout:
+    return httpx.Timeout(settings.vllm_timeout_s, connect=settings.vllm_connect_timeout_s)
+
+
+# --- hot path: chat requests are built by hand and sent to the transport (bench/README.md) ---
+JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+class EncodedJson(str):
+    """A value's JSON text, encoded once: request bodies take it as it is (the tool list, on every call)."""
+
+
+def encode_body(payload: dict[str, Any]) -> bytes:
+    """The request body as JSON, EncodedJson values included as they are."""
+    fields = []
+    for key, value in payload.items():
+        text = value if isinstance(value, EncodedJson) else JSON_ENCODER.encode(value)
+        fields.append(f"{JSON_ENCODER.encode(key)}:{text}")
+    return f"{{{','.join(fields)}}}".encode()
+
+
+async def read_body(response: httpx.Response) -> bytes:
+    """The whole body off the transport's stream (requests ask for no content encoding)."""
+    return b"".join([chunk async for chunk in response.stream])
+
+
+class ChatSender:
+    """POSTs chat completions straight to the shared client's transport, with every header set here.
+
+    vLLM needs none of the client's cookie, auth, redirect and hook layers, nor its header preparation.
+    """
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, settings: Settings,
+                 headers: dict[str, str]) -> None:
+        self._transport = transport
+        self._url = httpx.URL(f"{settings.vllm_base_url}/v1/chat/completions")
+        self._headers = [(b"host", self._url.netloc), (b"accept-encoding", b"identity"),
+                         *((name.encode(), value.encode()) for name, value in headers.items())]
+        self._timeout = {"timeout": vllm_timeout(settings).as_dict()}
+
+    async def send(self, body: bytes) -> httpx.Response:
+        headers = [*self._headers, (b"content-length", str(len(body)).encode())]
+        request = httpx.Request("POST", self._url, headers=headers, stream=httpx.ByteStream(body),
+                                extensions=self._timeout)
+        request.read()  # a stream Request is unread until then; transports and mocks read .content
+        return await self._transport.handle_async_request(request)
+# --- end of hot path ---
+
+
+class VLLMClient:
+    """vLLM's OpenAI-compatible API: chat completions (retried, at most VLLM_MAX_CONCURRENCY at once),
+    the model's context window, token counts and health."""
+
+    def __init__(self, http: httpx.AsyncClient, transport: httpx.AsyncBaseTransport, settings: Settings) -> None:
+        self._http = http
+        self.base_url = settings.vllm_base_url
+        self.model = settings.vllm_model
+        self._headers = {"content-type": "application/json"}
+        if settings.vllm_api_key is not None:
+            self._headers["authorization"] = f"Bearer {settings.vllm_api_key.get_secret_value()}"
+        self._sender = ChatSender(transport, settings, self._headers)
+        self._slots = asyncio.Semaphore(settings.vllm_max_concurrency)
+        self._queue_timeout_s = settings.vllm_queue_timeout_s
+        self._retries = settings.vllm_max_retries
+        self._backoff_s = settings.vllm_retry_backoff_s
+        self._max_model_len: int | None = None
+        self._max_model_len_asked_at: float | None = None
+
+    async def complete(self, payload: dict[str, Any]) -> Completion:
+        """One non-streaming chat completion."""
+        async with self._slot():
+            response = await self._post(encode_body({**payload, "model": self.model}))
+            try:
+                with transport_errors(self.base_url):
+                    body = await read_body(response)
+            finally:
+                await response.aclose()
+        return read_completion(body)
+
+    async def stream(self, payload: dict[str, Any], assembler: StreamAssembler) -> AsyncIterator[str]:
+        """Stream a chat completion: text pieces as they arrive; the reply is assembled in `assembler`."""
+        request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
+        async with self._slot():
+            response = await self._post(encode_body(request))
+            try:
+                pending = b""
+                async for chunk in response.stream:
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    text = "".join(assembler.feed(line[5:].strip().decode()) for line in lines
+                                   if line.startswith(b"data:") and not assembler.done)
+                    if text:
+                        yield text
+                    if assembler.done:
+                        break
+            except httpx.TimeoutException as exc:
+                raise LLMTimeout(f"vLLM at {self.base_url} stopped sending in the middle of a reply") from exc
+            except httpx.TransportError as exc:
+                raise LLMError(STREAM_CUT) from exc
+            finally:
+                await response.aclose()
+        if not assembler.done:
+            raise LLMError(STREAM_CUT)
+
+    async def max_model_len(self) -> int:
+        """The model's context window from GET /v1/models; 32768 while vLLM can't say (asked again once a minute)."""
+        now = time.monotonic()
+        asked_at = self._max_model_len_asked_at
+        if self._max_model_len is None and (asked_at is None or now - asked_at >= MAX_MODEL_LEN_RETRY_S):
+            self._max_model_len_asked_at = now
+            try:
+                response = await self._http.get(f"{self.base_url}/v1/models", headers=self._headers, timeout=5.0)
+                cards = response.json()["data"] if response.status_code == 200 else []
+                lengths = [card.get("max_model_len") for card in cards if card.get("id") == self.model]
+                self._max_model_len = int(lengths[0]) if lengths and lengths[0] else None
+            except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+                logger.info("could not read max_model_len from vLLM's /v1/models")
+        return self._max_model_len or DEFAULT_MAX_MODEL_LEN
+
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:
+        """Exact prompt size from vLLM's POST /tokenize (chat template applied), or None if unavailable."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
+        if tools:
+            body["tools"] = tools
+        try:
+            response = await self._http.post(f"{self.base_url}/tokenize", json=body, headers=self._headers)
+            return int(response.json()["count"]) if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return None
+
+    async def is_reachable(self) -> bool:
+        """True when vLLM's /health answers 200 within a second."""
+        try:
+            response = await self._http.get(f"{self.base_url}/health", timeout=1.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    @asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of VLLM_MAX_CONCURRENCY slots, waited for at most VLLM_QUEUE_TIMEOUT_S (then 503)."""
+        try:
+            async with asyncio.timeout(self._queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise VLLMBusy("the service is at its limit of concurrent vLLM requests; retry shortly",
+                           retry_after_s=max(1, round(self._queue_timeout_s))) from None
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _post(self, body: bytes) -> httpx.Response:
+        """POST a chat completion, retrying connection errors and 5xx; the 200 response, for the caller to close."""
+        attempt = 0
+        while True:
+            last = attempt == self._retries
+            try:
+                with transport_errors(self.base_url):
+                    response = await self._sender.send(body)
+            except LLMTimeout:
+                raise
+            except LLMError:
+                if last:
+                    raise
+            else:
+                if response.status_code == 200:
+                    return response
+                try:
+                    with transport_errors(self.base_url):
+                        error_body = await read_body(response)
+                finally:
+                    await response.aclose()
+                if last or response.status_code < 500:
+                    raise error_for_status(response.status_code, error_body)
+            logger.info("vLLM call failed (attempt %d), retrying", attempt + 1)
+            await asyncio.sleep(self._backoff_s * 2**attempt)
+            attempt += 1
+
+
 # --- 6. Memory ---
 
 METADATA = MetaData()
@@ -985,13 +981,12 @@ MESSAGES = Table(
     Column("created_at", Float, nullable=False),
 )
 TITLE_CHARS = 80
-# One pooled connection per engine (SQLiteWriter's for writes, the async engine's for reads): SQLite has one
-# writer at a time, and writes queue in the service instead of in SQLite's busy handler (whose sleeps showed
-# up as 100 ms steps and "database is locked"). No pool reset either: every connection is used through
-# begin()/connect() blocks that end their own transaction, so the pool's extra ROLLBACK would only cost
-# another thread hop per use.
-SQLITE_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 0, "pool_reset_on_return": None}
-# Statements built once, so SQLAlchemy compiles and caches each a single time; values come as parameters.
+# One connection per engine: SQLite has one writer at a time, so its writes queue in the service (on the
+# writer thread) rather than in SQLite's busy handler; reads go through the async engine in parallel (WAL).
+SQLITE_POOL: dict[str, Any] = {"pool_size": 1, "max_overflow": 0}
+SUMMARY_COLUMNS = (CONVERSATIONS.c.id, CONVERSATIONS.c.title, CONVERSATIONS.c.created_at,
+                   CONVERSATIONS.c.updated_at, CONVERSATIONS.c.message_count)
+# Statements built once (SQLAlchemy caches their compiled form); values come as parameters.
 TAKE_LEASE = (
     update(CONVERSATIONS)
     .where(CONVERSATIONS.c.id == bindparam("b_id"),
@@ -1003,155 +998,118 @@ END_TURN = update(CONVERSATIONS).where(OWN_LEASE).values(
     updated_at=bindparam("b_now"), message_count=bindparam("b_count"), lease_token=None, lease_expires_at=None)
 RELEASE_LEASE = update(CONVERSATIONS).where(OWN_LEASE).values(lease_token=None, lease_expires_at=None)
 CONVERSATION_EXISTS = select(CONVERSATIONS.c.id).where(CONVERSATIONS.c.id == bindparam("b_id"))
+LOAD_SUMMARY = select(*SUMMARY_COLUMNS).where(CONVERSATIONS.c.id == bindparam("b_id"))
+LOAD_MESSAGES = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
 DELETE_MESSAGES = delete(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id"))
 DELETE_CONVERSATION = delete(CONVERSATIONS).where(CONVERSATIONS.c.id == bindparam("b_id"))
-LOAD_MESSAGES = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
-LOAD_WIRE_MESSAGES = (
-    select(MESSAGES.c.role, MESSAGES.c.content, MESSAGES.c.tool_calls, MESSAGES.c.tool_call_id)
-    .where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
-)
 
 
-@dataclass
+@dataclass(frozen=True)
 class OpenTurn:
-    """A conversation reserved for one turn: its id, its stored messages, and the lease that guards it."""
+    """A conversation reserved for one turn: its id, its stored messages, and the lease that guards it.
+
+    A new conversation has no lease: its row is created when the turn is stored.
+    """
 
     conversation_id: str
     history: list[dict[str, Any]]
     lease: str | None
-    committed: bool = False
-    writing: asyncio.Future[None] | None = None  # the commit, once it is queued
 
     @property
     def is_new(self) -> bool:
         return self.lease is None
 
-    @property
-    def holds_lease(self) -> bool:
-        return self.lease is not None and not self.committed
 
-
-def new_conversation_id() -> str:
-    """32 hex digits: the creation time in milliseconds, then 80 random bits (UUIDv7's layout).
-
-    Ids that grow with time are added at the end of the primary-key indexes, so a batch of new
-    conversations writes a few index pages instead of one page per conversation and table at random
-    places (about 4% of a turn's CPU, bench/README.md). 80 random bits keep them unguessable.
-    """
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
-
-
-def storable_text(text: str | None) -> str | None:
-    """PostgreSQL text cannot hold NUL; a model or a tool that emits one gets U+FFFD in its place, not a 500.
-
-    (JSON columns keep it: it is escaped as \\u0000 there.)
-    """
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
-
-
-@dataclass(eq=False)  # compared by identity: the writer looks turns up in its lists
-class TurnWrite:
-    """A finished turn waiting for the store's writer; `done` resolves once it is committed."""
+@dataclass(eq=False)  # compared by identity: the writer looks writes up in its lists
+class PendingWrite:
+    """A finished turn to store, or (without messages) a lease to release, waiting for the store's writer."""
 
     turn: OpenTurn
-    messages: list[dict[str, Any]]
-    usages: list[dict[str, int] | None]
-    done: asyncio.Future[None]
-
-    def rows(self, now: float) -> list[dict[str, Any]]:
-        first = len(self.turn.history)
-        return [
-            {"conversation_id": self.turn.conversation_id, "position": first + offset, "role": message["role"],
-             "content": storable_text(message.get("content")), "tool_calls": message.get("tool_calls"),
-             "tool_call_id": storable_text(message.get("tool_call_id")), "usage": usage, "created_at": now}
-            for offset, (message, usage) in enumerate(zip(self.messages, self.usages, strict=True))
-        ]
+    messages: list[dict[str, Any]] | None
+    usages: list[Usage | None]
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def fail(self, exc: Exception) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
 
 
-@dataclass(frozen=True)
-class CompiledInsert:
-    """An INSERT of all a table's columns, compiled once per dialect and run as driver SQL.
+def new_conversation_id() -> str:
+    """32 hex digits: the creation time in milliseconds, then 80 random bits (UUIDv7's layout).
 
-    For the two inserts of every stored turn: Core's per-execution work (cache key, parameter processing)
-    was about a quarter of the CPU a turn's write cost on SQLite (bench/README.md). The SQL and its column
-    order still come from the Table, the row dicts are the ones Core would take, and errors, events and
-    the transaction stay SQLAlchemy's. JSON columns are serialized here; None is stored as SQL NULL (Core
-    stores JSON null): both read back as None.
+    Ids that grow with time are appended to the primary-key indexes instead of landing at random pages;
+    80 random bits keep them unguessable.
     """
-
-    sql: str
-    columns: tuple[str, ...]
-    json_columns: frozenset[str]
-
-    @classmethod
-    def of(cls, table: Table, dialect: Dialect) -> "CompiledInsert":
-        compiled = insert(table).compile(dialect=dialect)
-        return cls(str(compiled), tuple(compiled.positiontup or ()),
-                   frozenset(column.name for column in table.columns if isinstance(column.type, JSON)))
-
-    def run(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        conn.exec_driver_sql(self.sql, [tuple(self._param(name, row.get(name)) for name in self.columns)
-                                        for row in rows])
-
-    def _param(self, column: str, value: Any) -> Any:
-        return json.dumps(value) if value is not None and column in self.json_columns else value
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
-@lru_cache(maxsize=8)
-def compiled_inserts(dialect: Dialect) -> tuple[CompiledInsert, CompiledInsert]:
-    """(conversations, messages) INSERTs for an engine's dialect."""
-    return CompiledInsert.of(CONVERSATIONS, dialect), CompiledInsert.of(MESSAGES, dialect)
+def storable_text(text: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; a model or a tool that emits one gets U+FFFD in its place, not a 500."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
 
 
-def write_turns(conn: Connection, writes: list[TurnWrite], now: float) -> list[TurnWrite]:
-    """Store finished turns in one transaction; return those not stored because their lease was lost."""
-    lost = []
-    with conn.begin():
-        for write in writes:
-            turn = write.turn
-            if not turn.is_new:
-                ended = conn.execute(END_TURN, {"b_id": turn.conversation_id, "b_lease": turn.lease, "b_now": now,
-                                                "b_count": len(turn.history) + len(write.messages)})
-                if ended.rowcount != 1:
-                    lost.append(write)
-        kept = [write for write in writes if write not in lost]
-        add_conversations, add_messages = compiled_inserts(conn.dialect)
-        if new := [write for write in kept if write.turn.is_new]:
-            add_conversations.run(conn, [
-                {"id": write.turn.conversation_id, "title": conversation_title(write.messages),
-                 "created_at": now, "updated_at": now, "message_count": len(write.messages)} for write in new])
-        if kept:
-            add_messages.run(conn, [row for write in kept for row in write.rows(now)])
+def conversation_title(messages: list[dict[str, Any]]) -> str:
+    """The first line of the first user message, shortened: enough to recognise a conversation."""
+    text = next((m["content"] for m in messages if m["role"] == "user"), "") or ""
+    line = " ".join(text.split())
+    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+
+
+def message_rows(turn: OpenTurn, messages: list[dict[str, Any]], usages: list[Usage | None],
+                 now: float) -> list[dict[str, Any]]:
+    """A turn's messages as rows of MESSAGES, numbered after the conversation's history."""
+    return [
+        {"conversation_id": turn.conversation_id, "position": len(turn.history) + offset, "role": message["role"],
+         "content": storable_text(message.get("content")), "tool_calls": message.get("tool_calls"),
+         "tool_call_id": storable_text(message.get("tool_call_id")),
+         "usage": usage.model_dump() if usage else None, "created_at": now}
+        for offset, (message, usage) in enumerate(zip(messages, usages, strict=True))
+    ]
+
+
+def write_batch(conn: Connection, writes: list[PendingWrite], now: float) -> list[PendingWrite]:
+    """Store turns and release leases, in queue order, in the caller's transaction.
+
+    Returns the turns not stored because their lease was lost (expired and taken over, or the conversation
+    was deleted). Releasing a lease that is already gone changes nothing.
+    """
+    lost, conversations, rows = [], [], []
+    for write in writes:
+        turn = write.turn
+        ids = {"b_id": turn.conversation_id, "b_lease": turn.lease}
+        if write.messages is None:
+            conn.execute(RELEASE_LEASE, ids)
+            continue
+        if turn.is_new:
+            conversations.append({"id": turn.conversation_id, "title": conversation_title(write.messages),
+                                  "created_at": now, "updated_at": now, "message_count": len(write.messages)})
+        elif conn.execute(END_TURN, {**ids, "b_now": now,
+                                     "b_count": len(turn.history) + len(write.messages)}).rowcount != 1:
+            lost.append(write)
+            continue
+        rows += message_rows(turn, write.messages, write.usages, now)
+    if conversations:
+        conn.execute(insert(CONVERSATIONS), conversations)
+    if rows:
+        conn.execute(insert(MESSAGES), rows)
     return lost
 
 
 def take_lease(conn: Connection, conversation_id: str, lease: str, now: float, expires: float) -> list[dict[str, Any]]:
-    """Lease a conversation for a turn and read its history, in one transaction; 404 or 409 if not free."""
-    with conn.begin():
-        taken = conn.execute(TAKE_LEASE, {"b_id": conversation_id, "b_now": now, "b_lease": lease,
-                                          "b_expires": expires})
-        if taken.rowcount != 1:
-            if conn.scalar(CONVERSATION_EXISTS, {"b_id": conversation_id}) is None:
-                raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-            raise ConversationBusy(f"conversation {conversation_id!r} is busy with another turn; "
-                                   "retry when that turn has finished")
-        return [wire_message(row) for row in conn.execute(LOAD_WIRE_MESSAGES, {"b_id": conversation_id})]
-
-
-def release_lease(conn: Connection, conversation_id: str, lease: str) -> None:
-    with conn.begin():
-        conn.execute(RELEASE_LEASE, {"b_id": conversation_id, "b_lease": lease})
+    """Lease a conversation for a turn and read its history; 404 or 409 if it is not free."""
+    taken = conn.execute(TAKE_LEASE, {"b_id": conversation_id, "b_now": now, "b_lease": lease, "b_expires": expires})
+    if taken.rowcount != 1:
+        if conn.scalar(CONVERSATION_EXISTS, {"b_id": conversation_id}) is None:
+            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+        raise ConversationBusy(f"conversation {conversation_id!r} is busy with another turn; "
+                               "retry when that turn has finished")
+    return [wire_message(row) for row in conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
 
 
 def delete_rows(conn: Connection, conversation_id: str) -> None:
-    with conn.begin():
-        conn.execute(DELETE_MESSAGES, {"b_id": conversation_id})
-        if conn.execute(DELETE_CONVERSATION, {"b_id": conversation_id}).rowcount != 1:
-            raise ConversationNotFound(f"conversation {conversation_id!r} not found")
+    conn.execute(DELETE_MESSAGES, {"b_id": conversation_id})
+    if conn.execute(DELETE_CONVERSATION, {"b_id": conversation_id}).rowcount != 1:
+        raise ConversationNotFound(f"conversation {conversation_id!r} not found")
 
 
 def wire_message(row: Any) -> dict[str, Any]:
@@ -1184,117 +1142,50 @@ def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-WriterJob = tuple[asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]  # (answer, operation, arguments)
-
-
-class SQLiteWriter:
-    """SQLite's writes (turns, leases, deletes) on a sync engine, in one thread of their own.
-
-    Through the async engine, aiosqlite makes three round trips to its thread per statement (cursor,
-    execute, close) and one per commit, each wrapped in a greenlet switch: ~0.6 ms of CPU to store a
-    turn, against ~0.3 ms here (bench/README.md). One writer connection also means writes queue here,
-    never in SQLite's busy handler (whose sleeps cost whole milliseconds under load). Reads stay on the
-    async engine, in parallel with the writer (WAL).
-    """
-
-    def __init__(self, async_url: URL) -> None:
-        self.engine = create_engine(async_url.set(drivername="sqlite+pysqlite"), **SQLITE_POOL)
-        sqlalchemy_event.listen(self.engine, "connect", set_sqlite_pragmas)
-        self._jobs: queue.SimpleQueue[WriterJob | None] = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name="sqlite-writer", daemon=True)
-        self._thread.start()
-
-    async def run(self, operation: Callable[..., T], *args: Any) -> T:
-        """operation(connection, *args) on the writer thread; its result or its exception comes back."""
-        if self._closed:
-            raise RuntimeError("the conversation store is closed")
-        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._jobs.put((done, operation, args))
-        return await done
-
-    async def close(self) -> None:
-        """Finish the jobs already sent, then stop the thread and close its connection."""
-        self._closed = True
-        self._jobs.put(None)
-        await asyncio.to_thread(self._thread.join)
-
-    def _serve(self) -> None:
-        """The writer thread: a plain queue and call_soon_threadsafe, ~50 µs a write less than run_in_executor.
-
-        One connection for the thread's life, opened by the first write (a pool checkout and return per
-        write cost ~30 µs); every operation ends its own transaction, so it is clean between writes.
-        """
-        conn: Connection | None = None
-        try:
-            while (job := self._jobs.get()) is not None:
-                done, operation, args = job
-                result, error = None, None
-                try:
-                    conn = conn or self.engine.connect()
-                    result = operation(conn, *args)
-                except Exception as exc:
-                    error = exc
-                with suppress(RuntimeError):  # the loop is closed: nobody waits for this answer
-                    done.get_loop().call_soon_threadsafe(settle, done, result, error)
-        finally:
-            if conn is not None:
-                conn.close()
-            self.engine.dispose()
-
-
-def settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
-    """Resolve a future with another thread's outcome (unless its waiter has given up on it)."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class ConversationStore:
-    """Conversations in SQLite or PostgreSQL (SQLAlchemy Core); one transaction per successful turn.
+    """Conversations in SQLite or PostgreSQL (SQLAlchemy Core); one transaction per batch of finished turns.
 
-    A turn holds a lease on its conversation (a token and an expiry in the row), so a second turn on
-    the same conversation gets 409 on every worker and instance that shares the database.
+    A turn holds a lease on its conversation (a token and an expiry in the row), so a second turn on the
+    same conversation gets 409 on every worker and instance that shares the database. Writes are sync
+    functions run in one transaction each: on SQLite in a single writer thread of their own (one writer is
+    what SQLite allows), on PostgreSQL through the async engine.
     """
 
-    def __init__(self, engine: AsyncEngine, lease_s: float, sqlite_writer: SQLiteWriter | None = None) -> None:
-        self._engine = engine
+    def __init__(self, url: str, *, lease_s: float) -> None:
+        sqlite = url.startswith("sqlite")
+        self._engine: AsyncEngine = create_async_engine(url, **(SQLITE_POOL if sqlite else {}))
         self._lease_s = lease_s
-        self._sqlite_writer = sqlite_writer
-        self._queued: list[TurnWrite] = []
-        self._writer_task: asyncio.Task[None] | None = None
-        self._releases: set[asyncio.Task[None]] = set()
+        self._sqlite: Engine | None = None
+        self._sqlite_thread: ThreadPoolExecutor | None = None
+        if sqlite:
+            sqlalchemy_event.listen(self._engine.sync_engine, "connect", set_sqlite_pragmas)
+            self._sqlite = create_engine(self._engine.url.set(drivername="sqlite+pysqlite"), **SQLITE_POOL)
+            sqlalchemy_event.listen(self._sqlite, "connect", set_sqlite_pragmas)
+            self._sqlite_thread = ThreadPoolExecutor(1, "sqlite-writer")
+        self._queue: list[PendingWrite] = []
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def write_engine(self) -> Engine:
         """The engine whose transactions store turns (for tests and instrumentation)."""
-        return self._sqlite_writer.engine if self._sqlite_writer else self._engine.sync_engine
+        return self._sqlite or self._engine.sync_engine
 
     @classmethod
     @asynccontextmanager
     async def open(cls, url: str, *, lease_s: float) -> AsyncIterator["ConversationStore"]:
-        """Connect, create the tables if missing, and dispose of the engine on exit."""
-        sqlite = url.startswith("sqlite")
-        engine = create_async_engine(url, **(SQLITE_POOL if sqlite else {}))
-        if sqlite:
-            sqlalchemy_event.listen(engine.sync_engine, "connect", set_sqlite_pragmas)
-        sqlite_writer = SQLiteWriter(engine.url) if sqlite else None
+        """Connect, create the tables if missing; on exit finish the queued writes and close."""
+        store = cls(url, lease_s=lease_s)
         try:
-            async with engine.begin() as conn:
+            async with store._engine.begin() as conn:
                 await conn.run_sync(METADATA.create_all)
-            store = cls(engine, lease_s, sqlite_writer)
-            try:
-                yield store
-            finally:
-                pending = [*store._releases, *([store._writer_task] if store._writer_task else [])]
-                await asyncio.gather(*pending, return_exceptions=True)  # their waiters already have the errors
+            yield store
+            if store._writer is not None:
+                await asyncio.gather(store._writer, return_exceptions=True)  # the waiters have the errors
         finally:
-            if sqlite_writer is not None:
-                await sqlite_writer.close()
-            await engine.dispose()
+            if store._sqlite_thread is not None:
+                await asyncio.get_running_loop().run_in_executor(store._sqlite_thread, store.write_engine.dispose)
+                store._sqlite_thread.shutdown()
+            await store._engine.dispose()
 
     async def open_turn(self, conversation_id: str | None) -> OpenTurn:
         """Reserve a conversation for one turn (409 while another turn runs); None starts a new one."""
@@ -1304,39 +1195,42 @@ class ConversationStore:
         taking = asyncio.ensure_future(self._write_op(take_lease, conversation_id, lease, now, now + self._lease_s))
         try:
             history = await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            taking.add_done_callback(lambda _: self._release_abandoned(taking, conversation_id, lease))
+        except asyncio.CancelledError:  # the request went away: once the lease is taken, give it back
+            taking.add_done_callback(lambda _: self._release_if_taken(taking, OpenTurn(conversation_id, [], lease)))
             raise
         return OpenTurn(conversation_id, history, lease)
 
-    def _release_abandoned(self, taking: asyncio.Future[Any], conversation_id: str, lease: str) -> None:
-        """A request that went away while its lease was being taken must not leave the conversation locked."""
-        if taking.cancelled() or taking.exception() is not None:
-            return
-        release = asyncio.ensure_future(self._write_op(release_lease, conversation_id, lease))
-        self._releases.add(release)
-        release.add_done_callback(self._releases.discard)
+    def _release_if_taken(self, taking: asyncio.Future[Any], turn: OpenTurn) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            self._queue_write(PendingWrite(turn, None, []))
 
-    async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]],
-                          usages: list[dict[str, int] | None]) -> None:
-        """Write the turn's messages and release the lease, all in one transaction.
+    async def commit_turn(self, turn: OpenTurn, messages: list[dict[str, Any]], usages: list[Usage | None]) -> None:
+        """Store the turn's messages and end its lease, in one transaction; 409 if the lease was lost.
 
-        Group commit: turns that finish while a write is in flight queue up and go to the database
-        together in the next transaction, so a busy service pays one commit (and one trip to the
-        writer thread) for many turns. Each turn still succeeds or fails on its own. The write runs in
-        the store's writer task: a caller cancelled while it waits (the client went away) doesn't stop it.
+        Group commit: turns that finish while a write is in flight go to the database together in the next
+        transaction, each still stored or refused on its own. The write runs in the store's writer task, so a
+        caller that goes away while it waits does not stop it: the turn is stored whole or not at all.
         """
-        write = TurnWrite(turn, messages, usages, asyncio.get_running_loop().create_future())
-        turn.writing = write.done
-        self._queued.append(write)
-        if self._writer_task is None or self._writer_task.done():
-            self._writer_task = asyncio.create_task(self._write_queued())
-        await asyncio.shield(write.done)
+        await asyncio.shield(self._queue_write(PendingWrite(turn, messages, usages)))
+
+    async def close_turn(self, turn: OpenTurn) -> None:
+        """Release the lease of a turn that was not stored.
+
+        The release queues behind the turn's own commit, if one is in flight, so it can never undo it.
+        """
+        if not turn.is_new:
+            await asyncio.shield(self._queue_write(PendingWrite(turn, None, [])))
+
+    def _queue_write(self, write: PendingWrite) -> asyncio.Future[None]:
+        self._queue.append(write)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_queued())
+        return write.done
 
     async def _write_queued(self) -> None:
-        """Write queued turns batch by batch; if a batch fails, write its turns one by one."""
-        while self._queued:
-            batch, self._queued = self._queued, []
+        """Write the queue batch by batch; when a batch fails, its writes one by one."""
+        while self._queue:
+            batch, self._queue = self._queue, []
             try:
                 await self._write(batch)
             except Exception as exc:
@@ -1349,45 +1243,27 @@ class ConversationStore:
                     except Exception as single_exc:
                         write.fail(single_exc)
 
-    async def _write(self, batch: list[TurnWrite]) -> None:
-        """One transaction for the batch; a turn whose lease was lost gets 409 and writes nothing."""
-        writes = [write for write in batch if not write.done.done()]
-        lost = await self._write_op(write_turns, writes, time.time())
-        for write in writes:
+    async def _write(self, batch: list[PendingWrite]) -> None:
+        lost = await self._write_op(write_batch, batch, time.time())
+        for write in batch:
             if write in lost:
                 write.fail(ConversationBusy(f"conversation {write.turn.conversation_id!r} was deleted or taken "
                                             "over while this turn ran; the turn was not stored"))
-            else:
-                write.turn.committed = True
+            elif not write.done.done():
                 write.done.set_result(None)
-
-    async def close_turn(self, turn: OpenTurn) -> None:
-        """Release the lease of a turn that was not committed (commit releases it itself).
-
-        A commit still in flight (its caller went away while it was written) is waited for first, so the
-        release cannot overtake it: the turn is then stored, or not, and the conversation is free either way.
-        """
-        if turn.writing is not None:
-            with suppress(Exception):  # a failed commit: its caller has the error
-                await asyncio.shield(turn.writing)
-        if turn.holds_lease:
-            await self._write_op(release_lease, turn.conversation_id, turn.lease)
 
     async def load_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages of a conversation, oldest first, in vLLM's message shape."""
         async with self._engine.connect() as conn:
             await self._summary(conn, conversation_id)
-            return [wire_message(row) for row in await self._messages(conn, conversation_id, wire_only=True)]
+            return [wire_message(row) for row in await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
 
     async def get_conversation(self, conversation_id: str) -> ConversationDetail:
         async with self._engine.connect() as conn:
             summary = await self._summary(conn, conversation_id)
-            rows = await self._messages(conn, conversation_id)
-        return ConversationDetail(**summary.model_dump(), messages=[
-            StoredMessage(position=row.position, role=row.role, content=row.content, tool_calls=row.tool_calls,
-                          tool_call_id=row.tool_call_id, usage=row.usage, created_at=row.created_at)
-            for row in rows
-        ])
+            rows = (await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})).all()
+        messages = [StoredMessage.model_validate(row, from_attributes=True) for row in rows]
+        return ConversationDetail(**summary.model_dump(), messages=messages)
 
     async def list_conversations(self, limit: int, cursor: str | None) -> ConversationPage:
         """Newest first; `cursor` continues after the last conversation of the previous page."""
@@ -1399,7 +1275,7 @@ class ConversationStore:
                                          CONVERSATIONS.c.id < conversation_id)))
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
-        page = [ConversationSummary.model_validate(row._mapping) for row in rows[:limit]]
+        page = [ConversationSummary.model_validate(row, from_attributes=True) for row in rows[:limit]]
         more = len(rows) > limit
         return ConversationPage(conversations=page,
                                 next_cursor=encode_cursor(page[-1].updated_at, page[-1].id) if more else None)
@@ -1408,39 +1284,23 @@ class ConversationStore:
         await self._write_op(delete_rows, conversation_id)
 
     async def _write_op(self, operation: Callable[..., T], *args: Any) -> T:
-        """A write as one sync function on a connection: on SQLite's writer thread, else in one greenlet.
-
-        (run_sync: awaiting each statement through the async engine cost about a sixth more CPU.)
-        """
-        if self._sqlite_writer is not None:
-            return await self._sqlite_writer.run(operation, *args)
-        async with self._engine.connect() as conn:
+        """operation(connection, *args) in one transaction: on SQLite's writer thread, else in one greenlet."""
+        if self._sqlite_thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._run_sqlite,
+                                                                    operation, args)
+        async with self._engine.begin() as conn:
             return await conn.run_sync(operation, *args)
 
-    @staticmethod
-    async def _messages(conn: AsyncConnection, conversation_id: str, *, wire_only: bool = False) -> Sequence[Any]:
-        """A conversation's message rows in order; `wire_only` reads just what vLLM is sent (no usage JSON)."""
-        query = LOAD_WIRE_MESSAGES if wire_only else LOAD_MESSAGES
-        return (await conn.execute(query, {"b_id": conversation_id})).all()
+    def _run_sqlite(self, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.write_engine.begin() as conn:
+            return operation(conn, *args)
 
     @staticmethod
     async def _summary(conn: AsyncConnection, conversation_id: str) -> ConversationSummary:
-        row = (await conn.execute(select(*SUMMARY_COLUMNS).where(CONVERSATIONS.c.id == conversation_id))).first()
+        row = (await conn.execute(LOAD_SUMMARY, {"b_id": conversation_id})).first()
         if row is None:
             raise ConversationNotFound(f"conversation {conversation_id!r} not found")
-        return ConversationSummary.model_validate(row._mapping)
-
-
-
-SUMMARY_COLUMNS = (CONVERSATIONS.c.id, CONVERSATIONS.c.title, CONVERSATIONS.c.created_at,
-                   CONVERSATIONS.c.updated_at, CONVERSATIONS.c.message_count)
-
-
-def conversation_title(messages: list[dict[str, Any]]) -> str:
-    """The first line of the first user message, shortened: enough to recognise a conversation."""
-    text = next((m["content"] for m in messages if m["role"] == "user"), "") or ""
-    line = " ".join(text.split())
-    return line if len(line) <= TITLE_CHARS else line[: TITLE_CHARS - 1] + "…"
+        return ConversationSummary.model_validate(row, from_attributes=True)
 
 
 # --- 7. Agent ---
@@ -1450,21 +1310,7 @@ FINAL_ANSWER_NUDGE = (
     "Stop calling tools now. Answer the user's last message with what the tool results above "
     "already show, and say what is still unknown."
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """A call the agent will run; `error` is set when the call itself could not be read."""
-
-    id: str
-    name: str
-    arguments: dict[str, Any]
-    error: str | None = None
-
-    def wire(self) -> dict[str, Any]:
-        """The call as vLLM expects it in history: arguments always a valid JSON string."""
-        arguments = json.dumps(self.arguments, ensure_ascii=False)
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+NO_TOOLS: list[dict[str, Any]] = []
 
 
 @dataclass(slots=True)
@@ -1472,8 +1318,8 @@ class StepReply:
     """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts."""
 
     message: dict[str, Any]
-    calls: list[ToolCall]
-    usage: tuple[int, int, int] | None
+    calls: list[FunctionCall]
+    usage: Usage | None
 
 
 @dataclass
@@ -1481,43 +1327,35 @@ class TurnState:
     """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them)."""
 
     messages: list[dict[str, Any]] = field(default_factory=list)
-    usages: list[dict[str, int] | None] = field(default_factory=list)
+    usages: list[Usage | None] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
     records: list[ToolCallRecord] = field(default_factory=list)
-    usage: list[int] | None = None
+    usage: Usage | None = None
     call_counts: Counter[str] = field(default_factory=Counter)
+    reply: StepReply | None = None  # the latest LLM call's
 
-    def add(self, message: dict[str, Any], usage: tuple[int, int, int] | None = None) -> None:
+    def add(self, message: dict[str, Any], usage: Usage | None = None) -> None:
         self.messages.append(message)
-        self.usages.append(None if usage is None else dict(zip(USAGE_KEYS, usage, strict=True)))
+        self.usages.append(usage)
         if usage is not None:
-            self.usage = [a + b for a, b in zip(self.usage or [0, 0, 0], usage, strict=True)]
+            self.usage = usage if self.usage is None else self.usage + usage
 
+    def keep_reply(self) -> StepReply:
+        """Add the latest LLM call's message to the turn and hand its calls on."""
+        reply = self.reply
+        assert reply is not None, "keep_reply follows an LLM call"
+        self.add(reply.message, reply.usage)
+        return reply
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def calls_from_completion(completion: Completion) -> tuple[str, list[ToolCall]]:
-    """Visible text and calls: vLLM's parsed calls, else any <tool_call> blocks left in the text."""
-    if completion.tool_calls:
-        calls = []
-        for wire in completion.tool_calls:
-            try:
-                calls.append(ToolCall(wire.id, wire.name, decode_arguments(wire.arguments)))
-            except ValueError as exc:
-                calls.append(ToolCall(wire.id, wire.name, {}, f"the arguments are not valid JSON ({exc})"))
-        return completion.content, calls
-    parsed = parse_hermes_reply(completion.content)
-    return parsed.content, [ToolCall(new_call_id(), call.name, call.arguments, call.error) for call in parsed.calls]
-
-
-NO_TOOLS: list[dict[str, Any]] = []
+    def done(self, conversation_id: str, stop_reason: StopReason) -> DoneEvent:
+        return DoneEvent(conversation_id=conversation_id, content="".join(self.content),
+                         tool_calls=self.records or None, usage=self.usage, stop_reason=stop_reason)
 
 
 @dataclass(frozen=True)
 class PromptHead:
-    """What every request starts with on a given day: the system message, the native tools (also as JSON text),
-    their token estimate."""
+    """What every request of a day starts with: the system message, the native tools (also as JSON text)
+    and their token estimate; made again when the day, the tool list or the tool-call format changes."""
 
     date: str
     schemas: list[dict[str, Any]]
@@ -1526,6 +1364,14 @@ class PromptHead:
     tools: list[dict[str, Any]]
     tools_json: EncodedJson
     tokens: int
+
+
+def calls_from_completion(completion: Completion) -> tuple[str, list[FunctionCall]]:
+    """Visible text and calls: vLLM's parsed calls, else any <tool_call> blocks left in the text."""
+    if completion.tool_calls:
+        return completion.content, completion.tool_calls
+    parsed = parse_hermes_reply(completion.content)
+    return parsed.content, list(parsed.calls)
 
 
 def estimate_tokens(value: Any) -> int:
@@ -1543,6 +1389,15 @@ def split_turns(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return turns
 
 
+def error_event(exc: Exception) -> ErrorEvent:
+    """A failure as the last event of a stream that has started, when its HTTP status can no longer change."""
+    if isinstance(exc, AgentError):
+        logger.info("turn failed: %s %s", exc.status_code, exc)
+        return ErrorEvent(status=exc.status_code, detail=str(exc))
+    logger.error("unexpected error in a streamed turn", exc_info=exc)
+    return ErrorEvent(status=500, detail="internal error")
+
+
 class Agent:
     """The tool-calling loop over one vLLM server, a tool registry and a conversation store."""
 
@@ -1552,107 +1407,74 @@ class Agent:
         self.registry = registry
         self.store = store
         self.settings = settings
-        self.tool_format: Literal["native", "hermes"] = (
-            "hermes" if settings.tool_call_format == "hermes" else "native"
-        )
+        self.tool_format: Literal["native", "hermes"] = "hermes" if settings.tool_call_format == "hermes" else "native"
         self._sampling = settings.sampling()
-        self._background: set[asyncio.Task[Any]] = set()
         self._heads: dict[bool, PromptHead] = {}
 
-    async def open_turn(self, conversation_id: str | None) -> OpenTurn:
-        """Reserve the conversation before any output, so 404 and 409 are real HTTP answers."""
+    async def open_turn(self, conversation_id: str | None, content: str) -> OpenTurn:
+        """Check the message and reserve the conversation before any output, so 413, 404 and 409 are real answers."""
+        limit = self.settings.max_content_chars
+        if len(content) > limit:
+            raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}")
         return await self.store.open_turn(conversation_id)
+
+    @asynccontextmanager
+    async def deadline(self) -> AsyncIterator[None]:
+        """TURN_TIMEOUT_S over a whole turn, however many steps it takes.
+
+        Enter it in the task that drives `run_turn`, around all of it: the timeout cancels that task.
+        """
+        try:
+            async with asyncio.timeout(self.settings.turn_timeout_s):
+                yield
+        except TimeoutError:
+            raise TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s "
+                              "(TURN_TIMEOUT_S)") from None
+
+    async def relay(self, turn: OpenTurn, content: str, put: Callable[[StreamEvent], Awaitable[None]]) -> None:
+        """Drive one streamed turn to its end in this task, each event to `put`; a failure is the last event."""
+        try:
+            async with self.deadline():
+                async for event in self.run_turn(turn, content, stream=True):
+                    await put(event)
+        except Exception as exc:
+            await put(error_event(exc))
 
     async def run_turn(self, turn: OpenTurn, content: str, *, stream: bool = False) -> AsyncIterator[StreamEvent]:
         """Run one user turn, yielding events as they happen; the last one is a DoneEvent.
 
-        Nothing is written until the turn succeeds, so a failed turn leaves the history as it was.
-        The whole turn is bounded by TURN_TIMEOUT_S, however many steps it takes.
+        Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it was
+        and its conversation free.
         """
-        events = self._turn_events(turn, content, stream=stream)
-        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_s
+        state = TurnState()
+        state.add({"role": "user", "content": content})
+        stop_reason: StopReason = "max_steps"
+        stored = False
         try:
-            while True:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        event = await anext(events)
-                except StopAsyncIteration:
-                    return
-                except TimeoutError:
-                    raise self._turn_timeout() from None
-                yield event
-        finally:
-            await events.aclose()
-
-    async def answer(self, turn: OpenTurn, content: str) -> DoneEvent:
-        """Run one user turn to its DoneEvent, for a caller that needs no events on the way.
-
-        One deadline around the whole turn: nothing outside the turn runs between its events, so the
-        per-event timers run_turn needs (a stream's consumer runs in between) would be pure overhead.
-        """
-        done: DoneEvent | None = None
-        try:
-            async with asyncio.timeout(self.settings.turn_timeout_s):
-                async for event in self._turn_events(turn, content, stream=False):
-                    if isinstance(event, DoneEvent):
-                        done = event
-        except TimeoutError:
-            raise self._turn_timeout() from None
-        if done is None:
-            raise RuntimeError("the turn ended without a DoneEvent")
-        return done
-
-    def _turn_timeout(self) -> TurnTimeout:
-        return TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s (TURN_TIMEOUT_S)")
-
-    async def _turn_events(self, turn: OpenTurn, content: str, *, stream: bool) -> AsyncIterator[StreamEvent]:
-        try:
-            state = TurnState()
-            state.add({"role": "user", "content": content})
-            stop_reason: StopReason = "max_steps"
             for _ in range(self.settings.agent_max_steps):
-                reply = None
-                async for item in self._step(turn.history, state, stream=stream, tools=True):
-                    if isinstance(item, StepReply):
-                        reply = item
-                    else:
-                        yield item
-                if not reply.calls:
-                    state.add(reply.message, reply.usage)
+                async for event in self._call_model(turn.history, state, stream=stream, tools=True):
+                    yield event
+                if not state.reply.calls:
+                    state.keep_reply()
                     stop_reason = "completed"
                     break
-                if self._is_looping(reply.calls, state):
+                if self._is_looping(state.reply.calls, state):
                     stop_reason = "loop_detected"
                     break
-                state.add(reply.message, reply.usage)
-                async for event in self._run_tools(reply.calls, state):
+                async for event in self._run_tools(state.keep_reply().calls, state):
                     yield event
             if stop_reason != "completed":
-                async for event in self._final_answer(turn, state, stream=stream):
+                async for event in self._call_model(turn.history, state, stream=stream, tools=False, nudge=True):
                     yield event
+                state.keep_reply()
             await self.store.commit_turn(turn, state.messages, state.usages)
-            yield self._done(turn, state, stop_reason)
+            stored = True
+            yield state.done(turn.conversation_id, stop_reason)
         finally:
-            if turn.holds_lease:
-                await self._finish(self.store.close_turn(turn))
+            if not stored:
+                await self.store.close_turn(turn)
 
-    async def _finish(self, write: Any) -> None:
-        """Complete a store write even when the turn is being cancelled (e.g. the client went away)."""
-        task = asyncio.ensure_future(write)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        await asyncio.shield(task)
-
-    async def _final_answer(self, turn: OpenTurn, state: TurnState, *, stream: bool) -> AsyncIterator[StreamEvent]:
-        """One last call without tools, so a turn that ran out of steps still ends with an answer."""
-        nudge = {"role": "system", "content": FINAL_ANSWER_NUDGE}
-        async for item in self._step(turn.history, state, stream=stream, tools=False, nudge=nudge):
-            if isinstance(item, StepReply):
-                state.add(item.message, item.usage)
-            else:
-                yield item
-
-    def _is_looping(self, calls: list[ToolCall], state: TurnState) -> bool:
+    def _is_looping(self, calls: list[FunctionCall], state: TurnState) -> bool:
         """True when a call repeats one already made REPEATED_CALL_LIMIT - 1 times this turn."""
         keys = [f"{call.name}:{json.dumps(call.arguments, sort_keys=True)}" for call in calls]
         if any(state.call_counts[key] >= REPEATED_CALL_LIMIT - 1 for key in keys):
@@ -1661,28 +1483,48 @@ class Agent:
         state.call_counts.update(keys)
         return False
 
-    async def _step(self, history: list[dict[str, Any]], state: TurnState, *, stream: bool, tools: bool,
-                    nudge: dict[str, Any] | None = None) -> AsyncIterator[TokenEvent | StepReply]:
-        """One LLM call: visible text as TokenEvents, then the StepReply."""
-        visible = VisibleTextFilter()
-        pieces: list[str] = []
-        completion: Completion | None = None
-        current = state.messages if nudge is None else [*state.messages, nudge]
-        async for piece in self._complete(history, current, stream=stream, tools=tools):
-            if isinstance(piece, Completion):
-                completion = piece
-            elif text := visible.feed(piece):
-                yield self._token(text, pieces, state)
-        if completion is None:
-            raise LLMError("vLLM's reply ended without a completion")
+    async def _call_model(self, history: list[dict[str, Any]], state: TurnState, *, stream: bool, tools: bool,
+                          nudge: bool = False) -> AsyncIterator[TokenEvent]:
+        """One LLM call: visible text as TokenEvents; the reply lands in `state.reply`.
+
+        Switches to Hermes once if vLLM has no tool parser, and trims harder once if vLLM says the prompt is too
+        long (both are refused before any text streams).
+        """
+        current = [*state.messages, {"role": "system", "content": FINAL_ANSWER_NUDGE}] if nudge else state.messages
+        visible, pieces, harder = VisibleTextFilter(), [], False
+        while True:
+            payload = await self._payload(history, current, tools=tools, harder=harder)
+            try:
+                if stream:
+                    assembler = StreamAssembler()
+                    async for piece in self.llm.stream(payload, assembler):
+                        if text := visible.feed(piece):
+                            yield self._token(text, pieces, state)
+                    completion = assembler.completion()
+                else:
+                    completion = await self.llm.complete(payload)
+                break
+            except NoToolParser as exc:
+                self._switch_to_hermes(exc)
+            except ContextTooLong:
+                if harder:
+                    raise
+                harder = True
         content, calls = calls_from_completion(completion)
-        tail = visible.flush() if stream else content
-        if tail:
+        if tail := visible.flush() if stream else content:
             yield self._token(tail, pieces, state)
         message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
         if calls and tools:
             message["tool_calls"] = [call.wire() for call in calls]
-        yield StepReply(message, calls if tools else [], completion.usage)
+        state.reply = StepReply(message, calls if tools else [], completion.usage)
+
+    def _switch_to_hermes(self, exc: NoToolParser) -> None:
+        """From now on tools go in the system prompt, as TOOL_CALL_FORMAT=auto allows (else the turn fails)."""
+        if self.tool_format != "native" or self.settings.tool_call_format != "auto":
+            raise LLMError(str(exc)) from exc
+        self.tool_format = "hermes"
+        logger.warning("vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
+                       "switching to Hermes tool calls in the prompt", self.llm.base_url)
 
     @staticmethod
     def _token(text: str, pieces: list[str], state: TurnState) -> TokenEvent:
@@ -1692,32 +1534,6 @@ class Agent:
             text = "\n\n" + text
         state.content.append(text)
         return TokenEvent(content=text)
-
-    async def _complete(self, history: list[dict[str, Any]], current: list[dict[str, Any]], *, stream: bool,
-                        tools: bool) -> AsyncIterator[str | Completion]:
-        """Call vLLM; switch to Hermes once if vLLM has no tool parser; trim harder once if vLLM says too long."""
-        harder = False
-        while True:
-            payload = await self._payload(history, current, tools=tools, harder=harder)
-            try:
-                if stream:
-                    async for piece in self.llm.stream(payload):
-                        yield piece
-                else:
-                    yield await self.llm.complete(payload)
-                return
-            except AutoToolChoiceUnsupported:
-                if self.tool_format != "native" or self.settings.tool_call_format != "auto":
-                    raise
-                self.tool_format = "hermes"
-                logger.warning(
-                    "vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
-                    "switching to Hermes tool calls in the prompt", self.llm.base_url,
-                )
-            except ContextTooLong:
-                if harder:
-                    raise
-                harder = True
 
     async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], *, tools: bool,
                        harder: bool) -> dict[str, Any]:
@@ -1730,7 +1546,6 @@ class Agent:
         return payload
 
     def _prompt_head(self, tools: bool) -> PromptHead:
-        """Today's system message and native tool list, rebuilt only when the date, tools or format change."""
         schemas = self.registry.openai_schemas() if tools else NO_TOOLS
         today = datetime.now(UTC).date().isoformat()
         head = self._heads.get(tools)
@@ -1754,8 +1569,7 @@ class Agent:
         budget = await self._token_budget()
         if harder:
             budget = budget * 3 // 4
-        system, tools = head.system, head.tools
-        messages = [system, *history, *current]
+        messages = [head.system, *history, *current]
         estimate = head.tokens + estimate_tokens(history) + estimate_tokens(current)
         if estimate <= budget // 2:
             return messages
@@ -1763,7 +1577,10 @@ class Agent:
         sizes = [estimate_tokens(turn) for turn in turns]
         first = 0
         while True:
-            count = estimate if estimate <= budget // 2 else await self.llm.count_tokens(messages, tools) or estimate
+            if estimate <= budget // 2:
+                count = estimate
+            else:
+                count = await self.llm.count_tokens(messages, head.tools) or estimate
             if count <= budget:
                 if first:
                     logger.info("sending the newest %d of %d turns to fit %d tokens", len(turns) - first,
@@ -1777,7 +1594,7 @@ class Agent:
                 excess -= sizes[first] * ratio
                 estimate -= sizes[first]
                 first += 1
-            messages = [system, *(m for turn in turns[first:] for m in turn), *current]
+            messages = [head.system, *(m for turn in turns[first:] for m in turn), *current]
 
     async def _token_budget(self) -> int:
         """Prompt tokens allowed: the model's window minus the room kept for the answer."""
@@ -1785,7 +1602,7 @@ class Agent:
         reserve = self.settings.max_tokens or self.settings.context_reserve_tokens
         return max(window - reserve, window // 4)
 
-    async def _run_tools(self, calls: list[ToolCall], state: TurnState) -> AsyncIterator[StreamEvent]:
+    async def _run_tools(self, calls: list[FunctionCall], state: TurnState) -> AsyncIterator[StreamEvent]:
         """Run a reply's calls concurrently; events as results come, messages in call order."""
         for call in calls:
             yield ToolCallEvent(id=call.id, name=call.name, arguments=call.arguments)
@@ -1801,7 +1618,7 @@ class Agent:
             text = result.result if result.error is None else f"Error: {result.error}"
             state.add({"role": "tool", "tool_call_id": call.id, "content": text})
 
-    async def _results_as_completed(self, calls: list[ToolCall]) -> AsyncIterator[tuple[int, ToolResult]]:
+    async def _results_as_completed(self, calls: list[FunctionCall]) -> AsyncIterator[tuple[int, ToolResult]]:
         """(index, result) as each call finishes; a single call runs inline, without a task to schedule."""
         if len(calls) == 1:
             yield await self._run_tool(0, calls[0])
@@ -1814,7 +1631,7 @@ class Agent:
             for task in tasks:
                 task.cancel()
 
-    async def _run_tool(self, index: int, call: ToolCall) -> tuple[int, ToolResult]:
+    async def _run_tool(self, index: int, call: FunctionCall) -> tuple[int, ToolResult]:
         if call.error is not None:
             return index, ToolResult(None, call.error, 0.0)
         try:
@@ -1826,15 +1643,6 @@ class Agent:
                                      "details") from exc
         return index, result
 
-    @staticmethod
-    def _done(turn: OpenTurn, state: TurnState, stop_reason: StopReason) -> DoneEvent:
-        usage = None
-        if state.usage is not None:
-            usage = Usage(prompt_tokens=state.usage[0], completion_tokens=state.usage[1],
-                          total_tokens=state.usage[2])
-        return DoneEvent(conversation_id=turn.conversation_id, content="".join(state.content),
-                         tool_calls=state.records or None, usage=usage, stop_reason=stop_reason)
-
 
 # --- 8. App ---
 
@@ -1842,7 +1650,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
 }
 SSE_PING_S = 15.0
-YOUNG_GC_THRESHOLD = 10_000
+YOUNG_GC_THRESHOLD = 10_000  # a turn's objects die by reference counting; the young collector found nothing
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
     "description": "Events `token`, `tool_call`, `tool_result`, then one `done` or `error`; each `data:` is "
@@ -1870,7 +1678,7 @@ class APIKeyBearer(HTTPBearer):
     """With API_KEY set, every /api/v1 route but /health needs `Authorization: Bearer <key>`.
 
     The check is the security scheme itself, so /docs still offers "Authorize" and a request solves one
-    dependency for it, not two (a dependency level was ~1% of a turn's CPU).
+    dependency for it, not two.
     """
 
     async def __call__(self, request: Request) -> None:
@@ -1885,20 +1693,6 @@ class APIKeyBearer(HTTPBearer):
 
 require_api_key = APIKeyBearer(auto_error=False, scheme_name="HTTPBearer",
                                description="The service's API_KEY, when it is set.")
-
-
-async def open_chat_turn(body: ChatRequest, agent: Agent) -> OpenTurn:
-    """Check the request and reserve the conversation before a response starts (so 404/409 are real).
-
-    Called from the endpoints rather than declared as a dependency: one dependency level less for FastAPI
-    to solve per request, and an endpoint's exceptions become HTTP errors all the same.
-    """
-    limit = agent.settings.max_content_chars
-    if len(body.content) > limit:
-        raise ContentTooLarge(f"content is {len(body.content)} characters; the limit is {limit}")
-    return await agent.open_turn(body.conversation_id)
-
-
 ConversationId = Annotated[str, FastAPIPath(pattern=CONVERSATION_ID_PATTERN)]
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
 open_router = APIRouter(prefix="/api/v1")
@@ -1906,47 +1700,34 @@ open_router = APIRouter(prefix="/api/v1")
 
 @router.post("/chat", response_model=ChatResponse, summary="Run one agent turn and return the answer")
 async def chat(body: ChatRequest, agent: AgentDep) -> Response:
-    """Serialized here through ChatResponse's schema: FastAPI would validate the finished model again first."""
-    turn = await open_chat_turn(body, agent)
-    done = await agent.answer(turn, body.content)
-    return Response(CHAT_RESPONSE_JSON.dump_json(done), media_type="application/json")
+    """The turn's events drained into its `done` event, serialized as ChatResponse (not validated again)."""
+    turn = await agent.open_turn(body.conversation_id, body.content)
+    async with agent.deadline():
+        events = [event async for event in agent.run_turn(turn, body.content)]
+    return Response(CHAT_RESPONSE_JSON.dump_json(events[-1]), media_type="application/json")
 
 
 @router.post("/chat/stream", response_class=StreamingResponse, responses=SSE_RESPONSE,
              summary="Run one agent turn, streaming events as Server-Sent Events")
 async def chat_stream(body: ChatRequest, agent: AgentDep) -> EventSourceResponse:
-    turn = await open_chat_turn(body, agent)
-    events = with_error_event(agent.run_turn(turn, body.content, stream=True))
-    return EventSourceResponse(sse_frames(events), headers=SSE_HEADERS)
+    turn = await agent.open_turn(body.conversation_id, body.content)
+    return EventSourceResponse(sse_frames(agent, turn, body.content), headers=SSE_HEADERS)
 
 
-async def with_error_event(events: AsyncIterator[StreamEvent]) -> AsyncIterator[StreamEvent]:
-    """Once the headers are sent the status can't change: a failure becomes the last event."""
-    try:
-        async for event in events:
-            yield event
-    except AgentError as exc:
-        logger.info("turn failed: %s %s", exc.status_code, exc)
-        yield ErrorEvent(status=exc.status_code, detail=str(exc))
-    except Exception:
-        logger.exception("unexpected error in a streamed turn")
-        yield ErrorEvent(status=500, detail="internal error")
+async def sse_frames(agent: Agent, turn: OpenTurn, content: str) -> AsyncIterator[bytes]:
+    """The turn's events as SSE frames, with a keep-alive comment after SSE_PING_S without one.
 
-
-async def sse_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]:
-    """fastapi.sse's framing and keep-alive comments on plain asyncio.
-
-    FastAPI's generator mode does the same with anyio memory streams and a fail_after per event, which
-    the benchmark found to be about a third of a streamed turn's CPU. Here a producer task fills a
-    queue, so waiting for the next event (a slow model, a long tool) can time out into a ping without
-    disturbing the turn; closing this iterator (the client went away) cancels the turn. Frames that
-    piled up while the last write was going out leave together, in one write.
+    The turn runs in a task that only relays its events into a queue, so the turn's deadline covers all of it
+    and a quiet spell can time out into a ping here without disturbing it. Closing this iterator (the client
+    went away) cancels the turn.
     """
     frames: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
 
+    async def put(event: StreamEvent) -> None:
+        await frames.put(format_sse_event(data_str=event.model_dump_json(), event=event.type))
+
     async def produce() -> None:
-        async for event in events:
-            await frames.put(format_sse_event(data_str=event.model_dump_json(), event=event.type))
+        await agent.relay(turn, content, put)
         await frames.put(None)
 
     async def next_frame() -> bytes | None:
@@ -1958,14 +1739,8 @@ async def sse_frames(events: AsyncIterator[StreamEvent]) -> AsyncIterator[bytes]
 
     producer = asyncio.create_task(produce())
     try:
-        while True:
-            ready = [frames.get_nowait() if frames.qsize() else await next_frame()]
-            ready += [frames.get_nowait() for _ in range(frames.qsize())]  # frames that piled up: one write
-            finished = ready[-1] is None
-            if chunk := b"".join(ready[:-1] if finished else ready):
-                yield chunk
-            if finished:
-                return
+        while (frame := frames.get_nowait() if frames.qsize() else await next_frame()) is not None:
+            yield frame
     finally:
         producer.cancel()
 
@@ -2103,9 +1878,6 @@ class JsonLogFormatter(logging.Formatter):
         return JSON_ENCODER.encode(entry)
 
 
-access_logger = logging.getLogger("agent_app.access")
-
-
 def configure_logging(level: str) -> None:
     """Give the service's logger a JSON handler of its own; uvicorn configures only its own loggers."""
     if not logger.handlers:
@@ -2114,43 +1886,6 @@ def configure_logging(level: str) -> None:
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level)
-
-
-class CollectorTuning:
-    """Two changes to the cyclic garbage collector while the service runs (timed with gc.callbacks over
-    3,000 turns at C=16; the effect on bench/run.py is in bench/README.md):
-
-    - freeze: the ~200,000 objects alive after startup (Gradio's mostly) stay out of its scans; before,
-      every full collection walked them all (~70 ms each, ~0.07 ms of CPU per agent turn);
-    - a young generation of 10,000 objects, not 700: a turn's objects are freed by reference counting,
-      so the collector ran every ~7 turns for next to nothing (~0.04 ms a turn; at 10,000 it did not run).
-    Garbage is collected before the freeze, so none is kept. The collector is the process's, not an app's:
-    the first app to start tunes it and the last to stop restores it, so two apps in one process (tests,
-    an embedding server) do not undo each other.
-    """
-
-    def __init__(self) -> None:
-        self._running_apps = 0
-        self._thresholds = gc.get_threshold()
-
-    @contextmanager
-    def applied(self) -> Iterator[None]:
-        if self._running_apps == 0:
-            self._thresholds = gc.get_threshold()
-            gc.collect()
-            gc.freeze()
-            gc.set_threshold(YOUNG_GC_THRESHOLD, *self._thresholds[1:])
-        self._running_apps += 1
-        try:
-            yield
-        finally:
-            self._running_apps -= 1
-            if self._running_apps == 0:
-                gc.set_threshold(*self._thresholds)
-                gc.unfreeze()
-
-
-COLLECTOR_TUNING = CollectorTuning()
 
 
 def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -2169,8 +1904,16 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
             app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
             if settings.api_key is None:
                 logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
-            with COLLECTOR_TUNING.applied():
+            # The startup heap (Gradio's mostly) stays out of the collector's scans while the service runs.
+            thresholds = gc.get_threshold()
+            gc.collect(1)
+            gc.freeze()
+            gc.set_threshold(YOUNG_GC_THRESHOLD, *thresholds[1:])
+            try:
                 yield
+            finally:
+                gc.set_threshold(*thresholds)
+                gc.unfreeze()
 
     app = FastAPI(title="vLLM Agent Service", version="1.0.0", lifespan=lifespan,
                   description="A tool-using agent on a self-hosted vLLM server: REST, SSE and a Gradio page.")

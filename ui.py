@@ -27,10 +27,9 @@ import html
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import replace
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -242,34 +241,23 @@ class ChatUI:
         """Looked up per call: the lifespan creates the agent after the page is built."""
         return self._app.state.agent
 
-    @staticmethod
-    def agent_app() -> ModuleType:
-        """The agent's module, imported on first use: it imports this module at its top, so this one cannot."""
-        import agent_app
+    async def run_turn(self, conversation_id: str, content: str, put: Callable[["StreamEvent"], Awaitable[None]],
+                       thinking: bool | None) -> None:
+        """One turn through the agent, each event to `put`, a failure included as the last, `error`, event.
 
-        return agent_app
-
-    def turn_events(self, conversation_id: str, content: str, thinking: bool | None) -> AsyncIterator["StreamEvent"]:
-        """One turn's events as the API streams them, a failure included as the last, `error`, event.
-
-        The page's only call into the agent's turn API, which is changing: a change to it is a change here.
         `thinking` (None: the model's default) has nowhere to go in today's API and is not sent yet.
         """
-        api = self.agent_app()
+        import agent_app  # imported here: it imports this module at its top
 
-        async def events() -> AsyncIterator["StreamEvent"]:
-            limit = self.agent.settings.max_content_chars
-            if len(content) > limit:
-                raise api.ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}")
+        try:
             try:
-                turn = await self.agent.open_turn(conversation_id or None)
-            except api.ConversationNotFound:  # deleted through the API since this tab showed it: start afresh
-                turn = await self.agent.open_turn(None)
-            async with aclosing(self.agent.run_turn(turn, content, stream=True)) as stream:
-                async for event in stream:
-                    yield event
-
-        return api.with_error_event(events())
+                turn = await self.agent.open_turn(conversation_id or None, content)
+            except agent_app.ConversationNotFound:  # deleted through the API since this tab showed it: start afresh
+                turn = await self.agent.open_turn(None, content)
+        except agent_app.AgentError as exc:
+            await put(agent_app.error_event(exc))
+            return
+        await self.agent.relay(turn, content, put)
 
     async def respond(self, message: str, _history: list[Shown], conversation_id: str, thinking: bool,
                       thinking_offered: bool, request: gr.Request) -> AsyncIterator[TurnUpdate]:
@@ -282,7 +270,7 @@ class ChatUI:
         yield [], conversation_id, True
         choice = thinking if thinking_offered else None
         over = False
-        async with self.relayed(request.session_hash, self.turn_events(conversation_id, message, choice)) as events:
+        async with self.relayed(request.session_hash, conversation_id, message, choice) as events:
             while (event := await events.get()) is not None:
                 view.apply(event)
                 if event.type == "done":
@@ -297,11 +285,12 @@ class ChatUI:
             yield mark_stopped(view.messages), conversation_id, False
 
     @asynccontextmanager
-    async def relayed(self, tab: str, events: AsyncIterator["StreamEvent"]) -> AsyncIterator[Relayed]:
-        """The turn's events, relayed by a task that Stop cancels, as is the task when ChatInterface cancels the
-        handler (the tab went away); None comes last, however the relay ended."""
+    async def relayed(self, tab: str, conversation_id: str, content: str,
+                      thinking: bool | None) -> AsyncIterator[Relayed]:
+        """The turn's events, from a task that Stop cancels, as is the task when ChatInterface cancels the
+        handler (the tab went away); None comes last, however the task ended."""
         queue: Relayed = asyncio.Queue()
-        relay = self._relays[tab] = asyncio.create_task(self.relay(events, queue))
+        relay = self._relays[tab] = asyncio.create_task(self.run_turn(conversation_id, content, queue.put, thinking))
         relay.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             yield queue
@@ -309,13 +298,6 @@ class ChatUI:
             relay.cancel()
             if self._relays.get(tab) is relay:  # an example clicked after the trash icon runs a second turn
                 del self._relays[tab]
-
-    @staticmethod
-    async def relay(events: AsyncIterator["StreamEvent"], queue: Relayed) -> None:
-        """The task that Stop cancels: it moves the turn's events into the queue `respond` reads."""
-        async with aclosing(events):
-            async for event in events:
-                queue.put_nowait(event)
 
     def stop(self, request: gr.Request) -> None:
         """Stop: cancel the tab's turn, which closes its vLLM request; `respond` then ends it as stopped."""
@@ -344,9 +326,11 @@ class ChatUI:
         """On page load: the tab's stored conversation, or a fresh one when the id is unknown."""
         if not conversation_id:
             return [], ""
+        import agent_app  # imported here: it imports this module at its top
+
         try:
             stored = await self.agent.store.load_messages(conversation_id)
-        except self.agent_app().ConversationNotFound:
+        except agent_app.ConversationNotFound:
             return [], ""
         return messages_from_store(stored), conversation_id
 

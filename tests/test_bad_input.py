@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from agent_app import (
     CONVERSATION_ID_PATTERN,
     TOOL_CALL_OPEN,
-    ParsedCall,
+    FunctionCall,
     Settings,
     ToolCallEvent,
     VisibleTextFilter,
@@ -205,7 +205,7 @@ def test_parse_hermes_reply_takes_any_text(text: str) -> None:
     start = text.find(TOOL_CALL_OPEN)
     assert reply.content == (text if start < 0 else text[:start])
     for call in reply.calls:
-        assert isinstance(call, ParsedCall) and isinstance(call.name, str) and isinstance(call.arguments, dict)
+        assert isinstance(call, FunctionCall) and isinstance(call.name, str) and isinstance(call.arguments, dict)
         assert call.error is None or (call.arguments == {} and isinstance(call.error, str))
 
 

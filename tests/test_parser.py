@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_app import (
-    ParsedCall,
+    FunctionCall,
     ParsedReply,
     VisibleTextFilter,
     close_json,
@@ -17,8 +17,8 @@ from agent_app import (
 
 CALC = '{"name": "calculator", "arguments": {"expression": "12*7"}}'
 TIME = '{"name": "get_current_time", "arguments": {"timezone": "Asia/Seoul"}}'
-CALC_CALL = ParsedCall("calculator", {"expression": "12*7"})
-TIME_CALL = ParsedCall("get_current_time", {"timezone": "Asia/Seoul"})
+CALC_CALL = FunctionCall("calculator", {"expression": "12*7"})
+TIME_CALL = FunctionCall("get_current_time", {"timezone": "Asia/Seoul"})
 
 
 @pytest.mark.parametrize(
@@ -49,14 +49,14 @@ TIME_CALL = ParsedCall("get_current_time", {"timezone": "Asia/Seoul"})
         pytest.param('<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}\n</tool_call>',
                      ParsedReply("", (CALC_CALL,)), id="missing-closing-brace-repaired"),
         pytest.param('<tool_call>{"name": "get_current_time"}</tool_call>',
-                     ParsedReply("", (ParsedCall("get_current_time", {}),)), id="no-arguments-means-empty"),
+                     ParsedReply("", (FunctionCall("get_current_time", {}),)), id="no-arguments-means-empty"),
         pytest.param('<tool_call>{"name": "get_current_time", "arguments": ""}</tool_call>',
-                     ParsedReply("", (ParsedCall("get_current_time", {}),)), id="empty-arguments-string"),
+                     ParsedReply("", (FunctionCall("get_current_time", {}),)), id="empty-arguments-string"),
         pytest.param('<tool_call>{"name": "calc", "arguments": {"x": "ü"}}</tool_call>',
-                     ParsedReply("", (ParsedCall("calc", {"x": "ü"}),)), id="non-ascii-raw"),
+                     ParsedReply("", (FunctionCall("calc", {"x": "ü"}),)), id="non-ascii-raw"),
         pytest.param(
             '<tool_call>{"name": "calculator", "arguments": {"expression": 12*7}}</tool_call>',
-            ParsedReply("", (ParsedCall(
+            ParsedReply("", (FunctionCall(
                 "calculator", {},
                 "the tool call is not valid JSON (Expecting ',' delimiter: line 1 column 54 (char 53)); "
                 "send it again"),)),
@@ -64,18 +64,18 @@ TIME_CALL = ParsedCall("get_current_time", {"timezone": "Asia/Seoul"})
         ),
         pytest.param(
             "<tool_call>{oops}</tool_call>",
-            ParsedReply("", (ParsedCall(
+            ParsedReply("", (FunctionCall(
                 "", {},
                 "the tool call is not valid JSON (Expecting property name enclosed in double quotes: "
                 "line 1 column 2 (char 1)); send it again"),)),
             id="garbage-in-tag",
         ),
         pytest.param('<tool_call>["calculator"]</tool_call>',
-                     ParsedReply("", (ParsedCall("", {}, 'a tool call must be a JSON object with a "name" string'),)),
+                     ParsedReply("", (FunctionCall("", {}, 'a tool call must be a JSON object with a "name" string'),)),
                      id="not-an-object"),
         pytest.param(
             '<tool_call>{"name": "calculator", "arguments": [1, 2]}</tool_call>',
-            ParsedReply("", (ParsedCall(
+            ParsedReply("", (FunctionCall(
                 "calculator", {}, "the arguments are not a valid JSON object (arguments must be a JSON object, "
                 "not list)"),)),
             id="arguments-not-an-object",
@@ -167,4 +167,4 @@ def test_streamed_text_never_shows_markup_and_matches_the_parse(text: str, cuts:
 def test_parser_never_raises(text: str) -> None:
     reply = parse_hermes_reply(f"<tool_call>{text}</tool_call>")
     assert reply.content == ""
-    assert all(isinstance(call, ParsedCall) and isinstance(call.arguments, dict) for call in reply.calls)
+    assert all(isinstance(call, FunctionCall) and isinstance(call.arguments, dict) for call in reply.calls)

@@ -3,7 +3,7 @@
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from itertools import accumulate
 from typing import Any, Literal
@@ -364,11 +364,12 @@ async def test_thinking_toggle_reaches_the_agent_only_when_the_page_offers_it(
         ui: ChatUI, monkeypatch: pytest.MonkeyPatch, toggle: bool, offered: bool, sent: bool | None) -> None:
     calls: list[tuple[str, str, bool | None]] = []
 
-    async def turn_events(conversation_id: str, content: str, thinking: bool | None) -> AsyncIterator[Any]:
+    async def run_turn(conversation_id: str, content: str, put: Callable[[Any], Awaitable[None]],
+                       thinking: bool | None) -> None:
         calls.append((conversation_id, content, thinking))
-        yield DoneEvent(conversation_id="c1", content="")
+        await put(DoneEvent(conversation_id="c1", content=""))
 
-    monkeypatch.setattr(ui, "turn_events", turn_events)
+    monkeypatch.setattr(ui, "run_turn", run_turn)
     assert [update async for update in ui.respond("Hi", [], "", toggle, offered, TAB)][-1] == ([], "c1", False)
     assert calls == [("", "Hi", sent)]
 

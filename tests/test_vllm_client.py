@@ -9,15 +9,17 @@ import pytest
 import respx
 
 from agent_app import (
-    AutoToolChoiceUnsupported,
     Completion,
     ContextTooLong,
     EncodedJson,
+    FunctionCall,
     LLMError,
     LLMTimeout,
+    NoToolParser,
     Settings,
+    StreamAssembler,
+    Usage,
     VLLMClient,
-    WireToolCall,
 )
 
 CHAT_URL = "http://vllm.test/v1/chat/completions"
@@ -41,6 +43,10 @@ def completion_body(content: str | None = "Hello", tool_calls: list[dict[str, An
         "usage": {"prompt_tokens": 30, "total_tokens": 38, "completion_tokens": 8, "prompt_tokens_details": None},
         "prompt_logprobs": None, "prompt_token_ids": None, "kv_transfer_params": None,
     }
+
+
+def usage(prompt: int, completion: int, total: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=total)
 
 
 def sse(*chunks: dict[str, Any] | str, done: bool = True) -> bytes:
@@ -73,7 +79,7 @@ async def make_client(router: respx.MockRouter, make_settings: Callable[..., Set
 
 async def test_complete_reads_a_plain_answer(router: respx.MockRouter, make_client: Callable[..., VLLMClient]) -> None:
     router.post(CHAT_URL).respond(json=completion_body("Paris."))
-    assert await make_client().complete(PAYLOAD) == Completion("Paris.", [], "stop", (30, 8, 38))
+    assert await make_client().complete(PAYLOAD) == Completion("Paris.", [], "stop", usage(30, 8, 38))
 
 
 async def test_complete_reads_tool_calls_and_sends_the_model(
@@ -83,7 +89,8 @@ async def test_complete_reads_tool_calls_and_sends_the_model(
             "function": {"name": "calculator", "arguments": '{"expression": "12*7"}'}}
     route = router.post(CHAT_URL).respond(json=completion_body(None, [call]))
     completion = await make_client(vllm_model="Qwen/Qwen2.5-7B-Instruct").complete(PAYLOAD)
-    assert completion.tool_calls == [WireToolCall("chatcmpl-tool-1", "calculator", '{"expression": "12*7"}')]
+    assert completion.tool_calls == [FunctionCall("calculator", {"expression": "12*7"})]
+    assert completion.tool_calls[0].id == "chatcmpl-tool-1"
     assert completion.content == ""
     assert json.loads(route.calls.last.request.content) == {**PAYLOAD, "model": "Qwen/Qwen2.5-7B-Instruct"}
 
@@ -141,7 +148,7 @@ async def test_api_key_is_sent_as_bearer_token(router: respx.MockRouter,
                      "length of the input messages. None", id="context-length"),
         pytest.param(400, {"object": "error", "message": '"auto" tool choice requires --enable-auto-tool-choice '
                            "and --tool-call-parser to be set", "type": "BadRequestError", "param": None, "code": 400},
-                     AutoToolChoiceUnsupported, '"auto" tool choice requires --enable-auto-tool-choice and '
+                     NoToolParser, '"auto" tool choice requires --enable-auto-tool-choice and '
                      "--tool-call-parser to be set", id="no-tool-parser"),
     ],
 )
@@ -199,7 +206,9 @@ async def test_non_json_200_is_an_llm_error(router: respx.MockRouter, make_clien
 
 
 async def collect(client: VLLMClient) -> list[str | Completion]:
-    return [piece async for piece in client.stream(PAYLOAD)]
+    """The streamed text pieces, then the Completion assembled from them."""
+    assembler = StreamAssembler()
+    return [piece async for piece in client.stream(PAYLOAD, assembler)] + [assembler.completion()]
 
 
 async def test_stream_assembles_parallel_calls_by_index(router: respx.MockRouter,
@@ -216,8 +225,9 @@ async def test_stream_assembles_parallel_calls_by_index(router: respx.MockRouter
         USAGE_CHUNK,
     ), headers={"content-type": "text/event-stream"})
     pieces = await collect(make_client())
-    assert pieces == [Completion("", [WireToolCall("call-a", "calculator", '{"expression": "12*7"}'),
-                                      WireToolCall("call-b", "get_current_time", "")], "tool_calls", (5, 4, 9))]
+    calls = [FunctionCall("calculator", {"expression": "12*7"}), FunctionCall("get_current_time", {})]
+    assert pieces == [Completion("", calls, "tool_calls", usage(5, 4, 9))]
+    assert [call.id for call in pieces[0].tool_calls] == ["call-a", "call-b"]
     sent = json.loads(route.calls.last.request.content)
     assert (sent["stream"], sent["stream_options"]) == (True, {"include_usage": True})
 
@@ -236,7 +246,7 @@ async def test_stream_yields_one_text_piece_per_network_read(router: respx.MockR
         yield body[split:]
 
     router.post(CHAT_URL).mock(side_effect=lambda request: httpx.Response(200, content=two_reads()))
-    assert await collect(make_client()) == ["Hello", " wörld", Completion("Hello wörld", [], "stop", (5, 4, 9))]
+    assert await collect(make_client()) == ["Hello", " wörld", Completion("Hello wörld", [], "stop", usage(5, 4, 9))]
 
 
 @pytest.mark.parametrize(
