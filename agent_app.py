@@ -47,31 +47,12 @@ from fastapi.sse import KEEPALIVE_COMMENT, EventSourceResponse, format_sse_event
 from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-from sqlalchemy import (
-    JSON,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    and_,
-    bindparam,
-    create_engine,
-    delete,
-    insert,
-    or_,
-    select,
-    update,
-)
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
+from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.types import JSON, Float, Integer, String, Text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tools import REGISTRY, ToolRegistry, ToolResult
@@ -93,7 +74,6 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_t
 
 class Settings(BaseSettings):
     """Every knob the service has; `agent_max_steps` is read from AGENT_MAX_STEPS, and so on."""
-
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 
     vllm_base_url: str = "http://localhost:8000"
@@ -172,63 +152,53 @@ def load_settings() -> Settings:
 
 class AgentError(Exception):
     """Base for every failure a request can end with; `status_code` is the HTTP answer."""
-
     status_code = 500
     headers: dict[str, str] | None = None
 
 
 class ClientError(AgentError):
     """The request cannot be served as it is; sending it again unchanged will not help."""
-
     status_code = 400
 
 
 class Unauthorized(ClientError):
     """API_KEY is set and the request did not carry it."""
-
     status_code = 401
     headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 - constant header of every 401
 
 
 class ConversationNotFound(ClientError):
     """The conversation id is unknown (or was deleted)."""
-
     status_code = 404
 
 
 class ConversationBusy(ClientError):
     """Another turn of the same conversation is still running."""
-
     status_code = 409
 
 
 class ContentTooLarge(ClientError):
     """The user message is longer than MAX_CONTENT_CHARS."""
-
     status_code = 413
 
 
 class ContextTooLong(ClientError):
     """The prompt does not fit the model's context window, even with the oldest turns left out."""
-
     status_code = 413
 
 
 class InvalidCursor(ClientError):
     """A pagination cursor that this service did not hand out."""
-
     status_code = 422
 
 
 class LLMError(AgentError):
     """vLLM was unreachable, answered with an error, or sent a reply we cannot read."""
-
     status_code = 502
 
 
 class LLMTimeout(LLMError):
     """vLLM did not answer within the configured time."""
-
     status_code = 504
 
 
@@ -238,7 +208,6 @@ class TurnTimeout(LLMTimeout):
 
 class VLLMBusy(AgentError):
     """Every slot toward vLLM stayed taken for VLLM_QUEUE_TIMEOUT_S; the client should retry later."""
-
     status_code = 503
 
     def __init__(self, message: str, retry_after_s: int) -> None:
@@ -248,7 +217,6 @@ class VLLMBusy(AgentError):
 
 class ToolExecutionError(AgentError):
     """A tool failed in a way that cannot be handed back to the model."""
-
     status_code = 500
 
 
@@ -260,7 +228,6 @@ StopReason = Literal["completed", "max_steps", "loop_detected"]
 
 class ChatRequest(BaseModel):
     """One user message; without `conversation_id` a new conversation starts."""
-
     model_config = ConfigDict(extra="forbid")
 
     content: str = Field(min_length=1, max_length=1_000_000, description="The user's message.")
@@ -272,15 +239,10 @@ class ChatRequest(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
+    def _storable(cls, value: str) -> str:
+        """Not blank, and no NUL (PostgreSQL text cannot hold one: refused here, not when the turn is stored)."""
         if not value.strip():
             raise ValueError("must not be empty or only whitespace")
-        return value
-
-    @field_validator("content")
-    @classmethod
-    def _no_nul(cls, value: str) -> str:
-        """PostgreSQL text cannot hold NUL: refuse it here rather than fail the turn when it is stored."""
         if "\x00" in value:
             raise ValueError("must not contain NUL characters (\\u0000)")
         return value
@@ -288,7 +250,6 @@ class ChatRequest(BaseModel):
 
 class ToolCallRecord(BaseModel):
     """A tool call the model made in this turn, with what the tool returned."""
-
     id: str
     name: str
     arguments: dict[str, Any]
@@ -298,7 +259,6 @@ class ToolCallRecord(BaseModel):
 
 class Usage(BaseModel):
     """Token counts of one vLLM call, or summed over every call of a turn."""
-
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -311,7 +271,6 @@ class Usage(BaseModel):
 
 class ChatResponse(BaseModel):
     """The outcome of one turn."""
-
     conversation_id: str
     content: str
     tool_calls: list[ToolCallRecord] | None = None
@@ -321,14 +280,12 @@ class ChatResponse(BaseModel):
 
 class TokenEvent(BaseModel):
     """A piece of the visible answer; the pieces concatenate to the final `content`."""
-
     type: Literal["token"] = "token"
     content: str
 
 
 class ToolCallEvent(BaseModel):
     """The model asked for a tool; the result follows as a `tool_result` event with the same id."""
-
     type: Literal["tool_call"] = "tool_call"
     id: str
     name: str
@@ -337,7 +294,6 @@ class ToolCallEvent(BaseModel):
 
 class ToolResultEvent(BaseModel):
     """What a tool returned (or why it failed)."""
-
     type: Literal["tool_result"] = "tool_result"
     id: str
     name: str
@@ -348,13 +304,11 @@ class ToolResultEvent(BaseModel):
 
 class DoneEvent(ChatResponse):
     """The turn finished and was stored; the same object `/chat` returns."""
-
     type: Literal["done"] = "done"
 
 
 class ErrorEvent(BaseModel):
     """The turn failed after the stream had started; nothing of it was stored."""
-
     type: Literal["error"] = "error"
     status: int
     detail: str
@@ -365,7 +319,6 @@ StreamEvent = TokenEvent | ToolCallEvent | ToolResultEvent | DoneEvent | ErrorEv
 
 class ConversationSummary(BaseModel):
     """A stored conversation; times are Unix seconds."""
-
     id: str
     title: str
     created_at: float
@@ -375,7 +328,6 @@ class ConversationSummary(BaseModel):
 
 class StoredMessage(BaseModel):
     """One stored message, in vLLM's message shape plus its position, usage and time."""
-
     position: int
     role: Literal["user", "assistant", "tool"]
     content: str | None
@@ -387,26 +339,22 @@ class StoredMessage(BaseModel):
 
 class ConversationDetail(ConversationSummary):
     """A conversation with its messages in order."""
-
     messages: list[StoredMessage]
 
 
 class ConversationPage(BaseModel):
     """One page of conversations, newest first; pass `next_cursor` back as `cursor` for the next."""
-
     conversations: list[ConversationSummary]
     next_cursor: str | None
 
 
 class ErrorBody(BaseModel):
     """Every error response."""
-
     detail: str
 
 
 class ToolInfo(BaseModel):
     """A tool the agent can call."""
-
     name: str
     description: str
     parameters: dict[str, Any]
@@ -414,7 +362,6 @@ class ToolInfo(BaseModel):
 
 class VLLMStatus(BaseModel):
     """What the service knows about its vLLM server."""
-
     url: str
     reachable: bool
     model: str
@@ -423,7 +370,6 @@ class VLLMStatus(BaseModel):
 
 class Health(BaseModel):
     """Liveness of the service and reachability of vLLM."""
-
     status: Literal["ok", "degraded"]
     vllm: VLLMStatus
 
@@ -473,7 +419,6 @@ HERMES_TOOLS_FOOTER = (
 @dataclass(frozen=True, slots=True)
 class ParsedReply:
     """Model text split into what the user sees and the tool calls it holds."""
-
     content: str
     calls: tuple[FunctionCall, ...] = ()
 
@@ -640,7 +585,6 @@ class NoToolParser(Exception):
 @dataclass(frozen=True, slots=True)
 class Completion:
     """One chat completion: text before any tool call, the calls, and the token counts."""
-
     content: str
     tool_calls: list[FunctionCall]
     finish_reason: str | None
@@ -1023,7 +967,6 @@ class OpenTurn:
 @dataclass(eq=False)  # compared by identity: the writer looks writes up in its lists
 class PendingWrite:
     """A finished turn to store, or (without messages) a lease to release, waiting for the store's writer."""
-
     turn: OpenTurn
     messages: list[dict[str, Any]] | None
     usages: list[Usage | None]
@@ -1316,7 +1259,6 @@ NO_TOOLS: list[dict[str, Any]] = []
 @dataclass(slots=True)
 class StepReply:
     """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts."""
-
     message: dict[str, Any]
     calls: list[FunctionCall]
     usage: Usage | None
@@ -1325,7 +1267,6 @@ class StepReply:
 @dataclass
 class TurnState:
     """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them)."""
-
     messages: list[dict[str, Any]] = field(default_factory=list)
     usages: list[Usage | None] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
