@@ -55,7 +55,7 @@ from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.types import JSON, Float, Integer, String, Text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tools import REGISTRY, ToolRegistry, ToolResult
+from tools import REGISTRY, McpServers, McpServerStatus, ToolRegistry, ToolResult
 from ui import mount_ui
 
 logger = logging.getLogger("agent_app")
@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     allowed_origins: list[str] = ["http://localhost:5173"]
     api_key: SecretStr | None = None
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mcp_servers: Path | None = None
 
     @field_validator("vllm_base_url")
     @classmethod
@@ -354,10 +355,11 @@ class ErrorBody(BaseModel):
 
 
 class ToolInfo(BaseModel):
-    """A tool the agent can call."""
+    """A tool the agent can call; `source` is "builtin" or "mcp:<server>"."""
     name: str
     description: str
     parameters: dict[str, Any]
+    source: str
 
 
 class VLLMStatus(BaseModel):
@@ -369,9 +371,10 @@ class VLLMStatus(BaseModel):
 
 
 class Health(BaseModel):
-    """Liveness of the service and reachability of vLLM."""
+    """Liveness of the service, reachability of vLLM and of each MCP server (`degraded` if one is down)."""
     status: Literal["ok", "degraded"]
     vllm: VLLMStatus
+    mcp: dict[str, McpServerStatus]
 
 
 
@@ -1708,16 +1711,18 @@ async def delete_conversation(conversation_id: ConversationId, agent: AgentDep) 
 
 @router.get("/tools", summary="List the tools the agent can call")
 async def list_tools(agent: AgentDep) -> list[ToolInfo]:
-    return [ToolInfo(name=tool.name, description=tool.description, parameters=tool.parameters)
+    return [ToolInfo(name=tool.name, description=tool.description, parameters=tool.parameters, source=tool.source)
             for tool in agent.registry.tools]
 
 
 @open_router.get("/health", summary="Service status and whether vLLM is reachable (no API key needed)")
-async def health(agent: AgentDep) -> Health:
+async def health(request: Request, agent: AgentDep) -> Health:
     reachable = await agent.llm.is_reachable()
     status = VLLMStatus(url=agent.llm.base_url, reachable=reachable, model=agent.llm.model,
                         tool_call_format=agent.tool_format)
-    return Health(status="ok" if reachable else "degraded", vllm=status)
+    mcp_servers: McpServers = request.app.state.mcp_servers
+    healthy = reachable and not mcp_servers.unavailable()
+    return Health(status="ok" if healthy else "degraded", vllm=status, mcp=mcp_servers.status())
 
 
 async def agent_error_handler(request: Request, exc: AgentError) -> JSONResponse:
@@ -1841,6 +1846,7 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
         async with (
             ConversationStore.open(settings.database_url, lease_s=settings.turn_timeout_s + 60) as store,
             httpx.AsyncClient(transport=vllm_transport, timeout=vllm_timeout(settings), limits=limits) as http,
+            McpServers.start(settings.mcp_servers, REGISTRY) as app.state.mcp_servers,
         ):
             app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
             if settings.api_key is None:

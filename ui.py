@@ -202,16 +202,20 @@ class TurnView:
         self.messages.append(gr.ChatMessage(content=text))
 
 
-def header_html(model: str, url: str, reachable: bool | None, tools: list[str]) -> str:
-    """The line above the chat: which model on which server, whether it answers, which tools it has."""
+def header_html(model: str, url: str, reachable: bool | None, tools: list[tuple[str, str]]) -> str:
+    """The line above the chat: which model on which server, whether it answers, and its tools (name, source),
+    the built-in ones first, then each MCP server's under its name."""
     status = {None: ("checking", "checking vLLM…"), True: ("up", "vLLM reachable"),
               False: ("down", "vLLM not reachable")}[reachable]
-    tool_list = " · ".join(f"<code>{html.escape(name)}</code>" for name in tools)
+    sources = sorted({source for _, source in tools}, key=lambda source: (source != "builtin", source))
+    groups = [(f"<b>{html.escape(source.removeprefix('mcp:'))}:</b> " if source != "builtin" else "")
+              + " · ".join(f"<code>{html.escape(name)}</code>" for name, of in tools if of == source)
+              for source in sources]
     return (
         '<div class="agent-bar"><span class="agent-name">vLLM Agent</span>'
         f'<span class="agent-model"><code>{html.escape(model)}</code> at {html.escape(url)}</span>'
         f'<span class="agent-status {status[0]}">{status[1]}</span></div>'
-        + (f'<div class="agent-tools">Tools: {tool_list}</div>' if tools else "")
+        + (f'<div class="agent-tools">Tools: {" | ".join(groups)}</div>' if tools else "")
     )
 
 
@@ -339,7 +343,7 @@ class ChatUI:
         agent = self.agent
         reachable = await agent.llm.is_reachable()
         return header_html(agent.settings.vllm_model, agent.llm.base_url, reachable,
-                           [tool.name for tool in agent.registry.tools])
+                           [(tool.name, tool.source) for tool in agent.registry.tools])
 
     async def model_thinks(self) -> bool:
         """Whether the served model thinks before it answers; an agent that cannot tell says it does not."""

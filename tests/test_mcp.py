@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from fake_vllm import FakeVLLM
 from mcp import types as mcp_types
 from mcp.client.stdio import get_default_environment
 
@@ -508,3 +510,46 @@ async def test_shutdown_ends_every_stdio_process_and_removes_the_tools(
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert [tool.name for tool in registry.tools] == ["calculator"]
+
+
+def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+async def test_the_service_runs_a_stdio_tool_an_http_tool_and_a_built_in_in_one_turn(
+    write_config: ConfigWriter, http_server: HttpTestServer, fake_vllm: FakeVLLM, live_server: Any,
+    http: httpx.AsyncClient
+) -> None:
+    config = write_config({"local": stdio_entry(allowed_tools=["add"]),
+                           "remote": {"url": http_server.url, "headers": {"X-Team": "a"},
+                                      "allowed_tools": ["request_header"]}})
+    fake_vllm.script(tool_call_text("local__add", {"a": 2, "b": 3})
+                     + tool_call_text("remote__request_header", {"name": "x-team"})
+                     + tool_call_text("calculator", {"expression": "12*7"}))
+    async with live_server(vllm_base_url=fake_vllm.url, mcp_servers=config) as server:
+        async with http.stream("POST", f"{server.url}/api/v1/chat/stream", json={"content": "all three"}) as response:
+            events = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: ")]
+        tools = (await http.get(f"{server.url}/api/v1/tools")).json()
+        health = (await http.get(f"{server.url}/api/v1/health")).json()
+    assert [event["type"] for event in events[:3]] == ["tool_call"] * 3
+    assert {event["name"]: event["result"] for event in events if event["type"] == "tool_result"} == {
+        "local__add": "5", "remote__request_header": "a", "calculator": "84"}
+    assert events[-1]["type"] == "done"
+    assert sorted((tool["name"], tool["source"]) for tool in tools) == [
+        ("calculator", "builtin"), ("get_current_time", "builtin"), ("local__add", "mcp:local"),
+        ("remote__request_header", "mcp:remote")]
+    assert (health["status"], health["mcp"]) == ("ok", {
+        "local": {"state": "connected", "transport": "stdio", "tools": 1},
+        "remote": {"state": "connected", "transport": "http", "tools": 1}})
+
+
+async def test_a_server_down_at_startup_leaves_the_service_up_and_degraded(
+    write_config: ConfigWriter, fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
+) -> None:
+    config = write_config({"gone": {"url": f"http://127.0.0.1:{free_port()}/mcp"}})
+    async with live_server(vllm_base_url=fake_vllm.url, mcp_servers=config) as server:
+        health = (await http.get(f"{server.url}/api/v1/health")).json()
+        answer = await http.post(f"{server.url}/api/v1/chat", json={"content": "still there?"})
+    assert (health["status"], health["vllm"]["reachable"], health["mcp"]["gone"]["tools"]) == ("degraded", True, 0)
+    assert health["mcp"]["gone"]["state"] != "connected"
+    assert answer.status_code == 200

@@ -230,11 +230,20 @@ def test_thinking_collapses_when_the_turn_ends_during_it(end: Any) -> None:
 
 
 def test_header_names_model_server_reachability_and_tools() -> None:
-    assert header_html("Qwen/Qwen2.5-7B-Instruct", "http://vllm:8000", False, ["calculator"]) == (
+    assert header_html("Qwen/Qwen2.5-7B-Instruct", "http://vllm:8000", False, [("calculator", "builtin")]) == (
         '<div class="agent-bar"><span class="agent-name">vLLM Agent</span>'
         '<span class="agent-model"><code>Qwen/Qwen2.5-7B-Instruct</code> at http://vllm:8000</span>'
         '<span class="agent-status down">vLLM not reachable</span></div>'
         '<div class="agent-tools">Tools: <code>calculator</code></div>'
+    )
+
+
+def test_header_groups_tools_by_source_built_ins_first() -> None:
+    tools = [("files__read", "mcp:files"), ("calculator", "builtin"), ("web__get", "mcp:web"),
+             ("get_current_time", "builtin")]
+    assert header_html("m", "http://vllm:8000", True, tools).endswith(
+        '<div class="agent-tools">Tools: <code>calculator</code> · <code>get_current_time</code> | '
+        '<b>files:</b> <code>files__read</code> | <b>web:</b> <code>web__get</code></div>'
     )
 
 
@@ -444,7 +453,7 @@ async def test_stop_takes_new_conversations_place_while_a_turn_runs(ui: ChatUI, 
     running = await ui.turn_changed(True)
     over = await ui.turn_changed(False)
     header = header_html("Qwen/Qwen2.5-7B-Instruct", fake_vllm.url, True,
-                         [tool.name for tool in ui.agent.registry.tools])
+                         [(tool.name, tool.source) for tool in ui.agent.registry.tools])
     assert [getattr(update, "constructor_args", update) for update in running] == [
         {"visible": True}, {"visible": False}, gr.skip(), {"placeholder": BUSY_PLACEHOLDER}]
     assert [getattr(update, "constructor_args", update) for update in over] == [
@@ -465,4 +474,4 @@ async def test_restore_without_a_known_conversation_starts_empty(ui: ChatUI, con
 
 async def test_header_reports_reachable_vllm_and_the_agents_tools(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     assert await ui.header() == header_html("Qwen/Qwen2.5-7B-Instruct", fake_vllm.url, True,
-                                            [tool.name for tool in ui.agent.registry.tools])
+                                            [(tool.name, tool.source) for tool in ui.agent.registry.tools])
