@@ -225,6 +225,12 @@ def answered_84(answer: dict[str, Any]) -> bool:
     return "84" in str(answer.get("content")) and bool(calls) and calls[0].get("name") == "calculator"
 
 
+def answered_84_with_a_block(answer: dict[str, Any]) -> bool:
+    """The same check for /v1/chat/completions: 84 in the content, after the calculator's tool block."""
+    content = str(answer.get("content"))
+    return "84" in content and '<details type="tool_calls" done="true"' in content and 'name="calculator"' in content
+
+
 # --- 4. Client ---
 
 Check = Callable[[dict[str, Any]], bool]
@@ -242,8 +248,9 @@ class TurnResult:
 
 
 async def post_turn(session: aiohttp.ClientSession, url: str, body: bytes, *, stream: bool,
-                    check: Check) -> TurnResult:
-    """POST one turn and time it; a stream's first-token time is the first `event: token` line."""
+                    check: Check, openai_stream: bool = False) -> TurnResult:
+    """POST one turn and time it; a stream's first-token time is the first `event: token` line (the first
+    content chunk of an OpenAI stream)."""
     started = time.perf_counter()
     try:
         async with session.post(url, data=body, headers={"content-type": "application/json"}) as response:
@@ -251,7 +258,8 @@ async def post_turn(session: aiohttp.ClientSession, url: str, body: bytes, *, st
                 text = (await response.read())[:200].decode(errors="replace")
                 return TurnResult(False, time.perf_counter() - started, error=f"HTTP {response.status}: {text}")
             if stream:
-                ttft, answer, error = await _read_sse(response, started)
+                read = _read_openai_sse if openai_stream else _read_sse
+                ttft, answer, error = await read(response, started)
             else:
                 ttft, answer, error = None, json.loads(await response.read()), ""
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -282,6 +290,29 @@ async def _read_sse(response: aiohttp.ClientResponse, started: float) -> tuple[f
             answer, error = json.loads(line[5:]), ""
         elif line.startswith(b"data:") and event == b"error":
             error = f"error event: {line[5:205].strip().decode(errors='replace')}"
+    return ttft, answer, error
+
+
+async def _read_openai_sse(response: aiohttp.ClientResponse, started: float) -> tuple[float | None, Any, str]:
+    """First-content time, `{"content": …}` once `data: [DONE]` came, and any error frame's text."""
+    ttft: float | None = None
+    parts: list[str] = []
+    answer, error = None, "the stream ended without [DONE]"
+    async for line in response.content:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            if not error.startswith("error frame"):
+                answer, error = {"content": "".join(parts)}, ""
+            continue
+        chunk = json.loads(data)
+        if "error" in chunk:
+            error = f"error frame: {str(chunk['error'])[:200]}"
+        for choice in chunk.get("choices") or ():
+            if content := choice["delta"].get("content"):
+                ttft = ttft if ttft is not None else time.perf_counter() - started
+                parts.append(content)
     return ttft, answer, error
 
 

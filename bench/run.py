@@ -33,6 +33,7 @@ from harness import (
     ServerGroup,
     TurnResult,
     answered_84,
+    answered_84_with_a_block,
     cpu_meter,
     peak_rss_mib,
     percentile,
@@ -46,6 +47,7 @@ PHASE_TIMEOUT_S = 300.0
 CPU_RATIO_LIMIT = 2.0
 TTFT_LIMIT_MS = 2.0
 LATENCY_LIMIT_MS = 1.5
+V1_CPU_RATIO_LIMIT = 1.10  # /v1/chat/completions streaming against /api/v1/chat/stream, same service
 RSS_LIMIT_MIB = 250.0
 RSS_FLAT_MIB = 10.0
 
@@ -56,12 +58,13 @@ Turn = Callable[[aiohttp.ClientSession], Awaitable[TurnResult]]
 
 @dataclass(frozen=True)
 class Target:
-    """A system under test: its server and the paths of its two endpoints."""
+    """A system under test: its server and the paths of its endpoints (the service also has /v1)."""
 
     name: str
     server: Server
     chat_path: str
     stream_path: str
+    openai_path: str = ""
 
     def turn(self, *, stream: bool, conversation_id: str | None = None) -> Turn:
         """The measured turn against this system, with the body encoded once."""
@@ -69,6 +72,14 @@ class Target:
         body = {"content": PROMPT} | ({"conversation_id": conversation_id} if conversation_id else {})
         encoded = json.dumps(body).encode()
         return lambda session: post_turn(session, url, encoded, stream=stream, check=answered_84)
+
+    def openai_turn(self) -> Turn:
+        """The same turn through /v1/chat/completions, streamed."""
+        url = self.server.url + self.openai_path
+        encoded = json.dumps({"model": "vllm-agent", "stream": True,
+                              "messages": [{"role": "user", "content": PROMPT}]}).encode()
+        return lambda session: post_turn(session, url, encoded, stream=True, check=answered_84_with_a_block,
+                                         openai_stream=True)
 
 
 def direct_turn(vllm: Server) -> Turn:
@@ -171,6 +182,8 @@ def run_rounds(args: argparse.Namespace, systems: list[Target], vllm: Server, fa
     for target in systems:
         for stream in (False, True):
             asyncio.run(drive(target.turn(stream=stream), args.warmup, args.concurrency))
+        if target.openai_path:
+            asyncio.run(drive(target.openai_turn(), args.warmup, args.concurrency))
     phases: list[Phase] = []
     for number in range(1, args.rounds + 1):
         print(f"\nround {number}/{args.rounds}\n{Phase.HEADER}", flush=True)
@@ -180,6 +193,10 @@ def run_rounds(args: argparse.Namespace, systems: list[Target], vllm: Server, fa
                 pids = {"server": target.server.pid, "fake": vllm.pid}
                 phases.append(measure(target.name, endpoint, target.turn(stream=stream), requests, concurrency,
                                       pids, failures))
+        for target in order:
+            if target.openai_path:
+                phases.append(measure(target.name, "v1 strm", target.openai_turn(), args.requests, args.concurrency,
+                                      {"server": target.server.pid, "fake": vllm.pid}, failures))
         phases.append(measure("vLLM only", "chat", direct_turn(vllm), args.c1_requests, 1,
                               {"fake": vllm.pid}, failures))
     return phases
@@ -208,7 +225,7 @@ def print_medians(args: argparse.Namespace, phases: list[Phase], rss: dict[str, 
           f"  system     endpoint  server CPU ms/turn   req/s   p50 ms   p99 ms  TTFT p50 |"
           f"      p50 ms  TTFT p50  server CPU ms/turn")
     rows = [(system, endpoint) for system in ("service", "reference") for endpoint in ("chat", "stream")]
-    for system, endpoint in [*rows, ("vLLM only", "chat")]:
+    for system, endpoint in [*rows, ("service", "v1 strm"), ("vLLM only", "chat")]:
         at_c, at_1 = ({metric: median(phases, system, endpoint, concurrency, metric)
                        for metric in ("server_cpu_ms", "rps", "p50_ms", "p99_ms", "ttft_p50_ms")}
                       for concurrency in (c, 1))
@@ -243,6 +260,14 @@ def target_rows(args: argparse.Namespace, phases: list[Phase]) -> list[tuple[str
         rows.append((label, f"{statistics.median(service):.3f}", f"{statistics.median(reference):.3f}", shown,
                      wanted, "met" if result <= limit else "NOT MET",
                      "per round: " + ", ".join(f"{value:.2f}" for value in per_round)))
+    service_v1 = figures(phases, "service", "v1 strm", c, "server_cpu_ms")
+    service_stream = figures(phases, "service", "stream", c, "server_cpu_ms")
+    per_round = [v1 / stream for v1, stream in zip(service_v1, service_stream, strict=True)]
+    result = statistics.median(per_round)
+    rows.append((f"v1 stream CPU/turn, C={c}", f"{statistics.median(service_v1):.3f}", "", f"{result:.2f}×",
+                 f"≤ {V1_CPU_RATIO_LIMIT}×", "met" if result <= V1_CPU_RATIO_LIMIT else "NOT MET",
+                 "service /v1/chat/completions against its own /api/v1/chat/stream, per round: "
+                 + ", ".join(f"{value:.2f}" for value in per_round)))
     return rows
 
 
@@ -331,7 +356,8 @@ def main() -> int:
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as work_dir, ServerGroup(Path(work_dir)) as group:
         vllm = group.start_fake_vllm()
-        service = Target("service", group.start_service(vllm), "/api/v1/chat", "/api/v1/chat/stream")
+        service = Target("service", group.start_service(vllm), "/api/v1/chat", "/api/v1/chat/stream",
+                         "/v1/chat/completions")
         reference = Target("reference", group.start_reference(vllm), "/chat", "/chat/stream")
         print(f"Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')} · "
               f"pids: fake vLLM {vllm.pid}, service {service.server.pid}, reference {reference.server.pid}",
