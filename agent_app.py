@@ -21,6 +21,7 @@ import asyncio
 import base64
 import gc
 import hmac
+import html
 import json
 import logging
 import re
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -39,6 +40,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as FastAPIPath
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
@@ -49,10 +51,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, Valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
 from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.types import JSON, Float, Integer, String, Text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tools import REGISTRY, McpServers, McpServerStatus, ToolRegistry, ToolResult
@@ -103,6 +107,8 @@ class Settings(BaseSettings):
     seed: int | None = None
     allowed_origins: list[str] = ["http://localhost:5173"]
     api_key: SecretStr | None = None
+    agent_model_name: str = Field(default="vllm-agent", min_length=1, max_length=200)
+    agent_tool_display: Literal["details", "markdown", "none"] = "details"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mcp_servers: Path | None = None
 
@@ -1259,6 +1265,15 @@ FINAL_ANSWER_NUDGE = (
 NO_TOOLS: list[dict[str, Any]] = []
 
 
+@dataclass(frozen=True)
+class TurnOptions:
+    """How one turn differs from the service's defaults: the client's system text (after the service's prompt),
+    sampling overrides, and whether the turn is stored (a stateless OpenAI request's is not)."""
+    system: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    store: bool = True
+
+
 @dataclass(slots=True)
 class StepReply:
     """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts."""
@@ -1277,6 +1292,7 @@ class TurnState:
     usage: Usage | None = None
     call_counts: Counter[str] = field(default_factory=Counter)
     reply: StepReply | None = None  # the latest LLM call's
+    options: TurnOptions = field(default_factory=TurnOptions)
 
     def add(self, message: dict[str, Any], usage: Usage | None = None) -> None:
         self.messages.append(message)
@@ -1355,12 +1371,20 @@ class Agent:
         self._sampling = settings.sampling()
         self._heads: dict[bool, PromptHead] = {}
 
-    async def open_turn(self, conversation_id: str | None, content: str) -> OpenTurn:
-        """Check the message and reserve the conversation before any output, so 413, 404 and 409 are real answers."""
+    async def open_turn(self, conversation_id: str | None, content: str, *, create: bool = False) -> OpenTurn:
+        """Check the message and reserve the conversation before any output, so 413, 404 and 409 are real answers.
+
+        With `create`, an unknown id starts a conversation under that id (the OpenAI API's chat ids).
+        """
         limit = self.settings.max_content_chars
         if len(content) > limit:
             raise ContentTooLarge(f"content is {len(content)} characters; the limit is {limit}")
-        return await self.store.open_turn(conversation_id)
+        try:
+            return await self.store.open_turn(conversation_id)
+        except ConversationNotFound:
+            if not create or conversation_id is None:
+                raise
+            return OpenTurn(conversation_id, [], None)
 
     @asynccontextmanager
     async def deadline(self) -> AsyncIterator[None]:
@@ -1375,22 +1399,23 @@ class Agent:
             raise TurnTimeout(f"the turn did not finish within {self.settings.turn_timeout_s:g} s "
                               "(TURN_TIMEOUT_S)") from None
 
-    async def relay(self, turn: OpenTurn, content: str, put: Callable[[StreamEvent], Awaitable[None]]) -> None:
-        """Drive one streamed turn to its end in this task, each event to `put`; a failure is the last event."""
+    async def relay(self, events: AsyncIterator[StreamEvent], put: Callable[[StreamEvent], Awaitable[None]]) -> None:
+        """Drive a streamed turn's events to their end in this task, each to `put`; a failure is the last event."""
         try:
             async with self.deadline():
-                async for event in self.run_turn(turn, content, stream=True):
+                async for event in events:
                     await put(event)
         except Exception as exc:
             await put(error_event(exc))
 
-    async def run_turn(self, turn: OpenTurn, content: str, *, stream: bool = False) -> AsyncIterator[StreamEvent]:
+    async def run_turn(self, turn: OpenTurn, content: str, *, stream: bool = False,
+                       options: TurnOptions | None = None) -> AsyncIterator[StreamEvent]:
         """Run one user turn, yielding events as they happen; the last one is a DoneEvent.
 
         Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it was
         and its conversation free.
         """
-        state = TurnState()
+        state = TurnState(options=options or TurnOptions())
         state.add({"role": "user", "content": content})
         stop_reason: StopReason = "max_steps"
         stored = False
@@ -1411,7 +1436,8 @@ class Agent:
                 async for event in self._call_model(turn.history, state, stream=stream, tools=False, nudge=True):
                     yield event
                 state.keep_reply()
-            await self.store.commit_turn(turn, state.messages, state.usages)
+            if state.options.store:
+                await self.store.commit_turn(turn, state.messages, state.usages)
             stored = True
             yield state.done(turn.conversation_id, stop_reason)
         finally:
@@ -1437,7 +1463,7 @@ class Agent:
         current = [*state.messages, {"role": "system", "content": FINAL_ANSWER_NUDGE}] if nudge else state.messages
         visible, pieces, harder = VisibleTextFilter(), [], False
         while True:
-            payload = await self._payload(history, current, tools=tools, harder=harder)
+            payload = await self._payload(history, current, state.options, tools=tools, harder=harder)
             try:
                 if stream:
                     assembler = StreamAssembler()
@@ -1479,12 +1505,15 @@ class Agent:
         state.content.append(text)
         return TokenEvent(content=text)
 
-    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], *, tools: bool,
-                       harder: bool) -> dict[str, Any]:
+    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], options: TurnOptions, *,
+                       tools: bool, harder: bool) -> dict[str, Any]:
         """The request body: system prompt (with tools in Hermes mode), what fits of history, tools, sampling."""
         head = self._prompt_head(tools)
+        if options.system:
+            system = {"role": "system", "content": f"{head.system['content']}\n\n{options.system}"}
+            head = replace(head, system=system, tokens=head.tokens + estimate_tokens(options.system))
         messages = await self._fit(head, history, current, harder=harder)
-        payload: dict[str, Any] = {"messages": messages, **self._sampling}
+        payload: dict[str, Any] = {"messages": messages, **self._sampling, **options.sampling}
         if head.tools:
             payload["tools"] = head.tools_json
         return payload
@@ -1655,11 +1684,19 @@ async def chat(body: ChatRequest, agent: AgentDep) -> Response:
              summary="Run one agent turn, streaming events as Server-Sent Events")
 async def chat_stream(body: ChatRequest, agent: AgentDep) -> EventSourceResponse:
     turn = await agent.open_turn(body.conversation_id, body.content)
-    return EventSourceResponse(sse_frames(agent, turn, body.content), headers=SSE_HEADERS)
+    return EventSourceResponse(sse_frames(agent, agent.run_turn(turn, body.content, stream=True), sse_event),
+                               headers=SSE_HEADERS)
 
 
-async def sse_frames(agent: Agent, turn: OpenTurn, content: str) -> AsyncIterator[bytes]:
-    """The turn's events as SSE frames, with a keep-alive comment after SSE_PING_S without one.
+def sse_event(event: StreamEvent) -> bytes:
+    """An event as /api/v1 streams it: its type as the SSE event name, its JSON as the data."""
+    return format_sse_event(data_str=event.model_dump_json(), event=event.type)
+
+
+async def sse_frames(agent: Agent, events: AsyncIterator[StreamEvent], frame: Callable[[StreamEvent], bytes], *,
+                     first: bytes = b"") -> AsyncIterator[bytes]:
+    """A turn's events as SSE frames (`first`, then each non-empty `frame(event)`), with a keep-alive comment
+    after SSE_PING_S without one.
 
     The turn runs in a task that only relays its events into a queue, so the turn's deadline covers all of it
     and a quiet spell can time out into a ping here without disturbing it. Closing this iterator (the client
@@ -1668,10 +1705,11 @@ async def sse_frames(agent: Agent, turn: OpenTurn, content: str) -> AsyncIterato
     frames: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
 
     async def put(event: StreamEvent) -> None:
-        await frames.put(format_sse_event(data_str=event.model_dump_json(), event=event.type))
+        if data := frame(event):
+            await frames.put(data)
 
     async def produce() -> None:
-        await agent.relay(turn, content, put)
+        await agent.relay(events, put)
         await frames.put(None)
 
     async def next_frame() -> bytes | None:
@@ -1681,10 +1719,12 @@ async def sse_frames(agent: Agent, turn: OpenTurn, content: str) -> AsyncIterato
         except TimeoutError:
             return KEEPALIVE_COMMENT
 
+    if first:
+        yield first
     producer = asyncio.create_task(produce())
     try:
-        while (frame := frames.get_nowait() if frames.qsize() else await next_frame()) is not None:
-            yield frame
+        while (data := frames.get_nowait() if frames.qsize() else await next_frame()) is not None:
+            yield data
     finally:
         producer.cancel()
 
@@ -1775,9 +1815,10 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if not scope["path"].startswith("/api/"):
+            if not scope["path"].startswith(("/api/", "/v1/")):
                 await self.app(scope, receive, send_with_id)
-            elif self._declared_too_large(headers.get(b"content-length")):
+            elif scope["path"].startswith("/api/") and self._declared_too_large(headers.get(b"content-length")):
+                # (/v1 refuses it from the byte count below, as an HTTPException answered in OpenAI's shape)
                 await JSONResponse({"detail": self._too_large}, status_code=413)(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)
@@ -1834,6 +1875,451 @@ def configure_logging(level: str) -> None:
     logger.setLevel(level)
 
 
+# --- 9. OpenAI API ---
+# The agent served as one model over OpenAI's Chat Completions API, for the openai SDKs and chat UIs (Open WebUI,
+# LibreChat). Each request runs one agent turn through the executor above; the conventions it follows (chunk
+# shapes, errors, Open WebUI's tool blocks and headers) and their sources are in ../shared/openai-compat.md.
+
+OPENAI_PREFIX = "/v1/"
+MODEL_CREATED = int(time.time())  # GET /v1/models needs a creation time: the process's start
+TASK_PROMPT_PREFIX = "### Task:"  # how Open WebUI's title, tag and follow-up prompts begin
+MARKDOWN_TOOL_CHARS = 200
+CONVERSATION_ID = re.compile(CONVERSATION_ID_PATTERN)
+# What our own renderings look like when a client sends an earlier answer back (and Open WebUI's reasoning
+# and code blocks): removed, so the model sees its text and not HTML. Bodies are escaped: no nested </details>.
+RENDERED_TOOL_CALLS = re.compile(
+    r'<details type="(?:tool_calls|reasoning|code_interpreter)"[^>]*>.*?</details>\n?|^> 🔧 [^\n]*\n?\n?',
+    re.DOTALL | re.MULTILINE,
+)
+OPENAI_ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 409: "conversation_busy",
+                      413: "too_large", 415: "unsupported_media_type", 500: "internal_error", 502: "upstream_error",
+                      503: "overloaded", 504: "timeout"}
+
+
+class UnsupportedRequest(ClientError):
+    """A chat request this endpoint cannot honour (n > 1, logprobs, images, a forced tool call, ...)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelNotFound(ClientError):
+    """The request names a model other than the agent."""
+    status_code = 404
+    code = "model_not_found"
+
+
+class OpenAIMessage(BaseModel):
+    """One message of a chat request; `content` is text, or parts of which only text parts are accepted."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: with `include_usage`, the stream ends with a chunk carrying the turn's token counts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat request. Unknown fields (`user`, `metadata`, penalties, ...) are ignored; `tools` sent by the
+    client are ignored too, as the agent runs its own. The fields `unsupported` lists are refused with 400."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[OpenAIMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        """Refuse what would change the answer in a way the agent cannot deliver; silently dropping it would
+        hand the client something other than what it asked for."""
+        if self.n not in (None, 1):
+            raise UnsupportedRequest("n must be 1: the agent gives one answer per request", "n")
+        if self.logprobs or self.top_logprobs:
+            raise UnsupportedRequest("logprobs are not available from an agent turn", "logprobs")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise UnsupportedRequest("tool_choice can only be auto or none: the agent runs its own tools, client "
+                                     "tools are ignored", "tool_choice")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise UnsupportedRequest("response_format must be text", "response_format")
+        if self.audio is not None or any(modality != "text" for modality in self.modalities or ()):
+            raise UnsupportedRequest("only text output is supported", "modalities")
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields the client set, as vLLM names them; they apply to every LLM call of the turn."""
+        values = {"temperature": self.temperature, "top_p": self.top_p, "seed": self.seed,
+                  "max_tokens": self.max_completion_tokens or self.max_tokens}
+        return {name: value for name, value in values.items() if value is not None}
+
+
+class OpenAIModel(BaseModel):
+    """The agent, as OpenAI's model object."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(BaseModel):
+    """GET /v1/models: the one model this service serves."""
+
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Every error of /v1, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
+
+
+@dataclass(frozen=True)
+class ChatInput:
+    """A request's messages, read: the new user message, the earlier ones in vLLM's shape, the client's
+    system text."""
+
+    content: str
+    history: list[dict[str, Any]]
+    system: str | None
+
+
+def message_text(message: OpenAIMessage, index: int) -> str:
+    """The message's text; images, audio and files are refused rather than silently dropped."""
+    content = message.content
+    if content is None or isinstance(content, str):
+        text = content or ""
+    else:
+        parts = []
+        for part in content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise UnsupportedRequest(f"messages[{index}]: only text content is supported, not "
+                                         f"{str(part.get('type'))[:40]!r} parts", f"messages[{index}].content")
+            parts.append(part["text"])
+        text = "\n".join(parts)
+    if "\x00" in text:
+        raise UnsupportedRequest(f"messages[{index}]: must not contain NUL characters (\\u0000)",
+                                 f"messages[{index}].content")
+    return text
+
+
+def clean_rendered(text: str) -> str:
+    """An earlier answer without the tool blocks we rendered into it: the model sees its text, not HTML."""
+    return RENDERED_TOOL_CALLS.sub("", text).strip() if "<details" in text or "> 🔧 " in text else text
+
+
+def wire_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The request's messages in vLLM's shape: system and developer as system, earlier answers cleaned. Tool
+    results and tool calls belong to client-side tools, which this endpoint never asks for: they are left out."""
+    messages = []
+    for index, message in enumerate(body.messages):
+        text = message_text(message, index)
+        if message.role in ("system", "developer"):
+            messages.append({"role": "system", "content": text})
+        elif message.role == "user":
+            messages.append({"role": "user", "content": text})
+        elif message.role == "assistant":
+            messages.append({"role": "assistant", "content": clean_rendered(text)})
+    return messages
+
+
+def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
+    """Split the messages into the turn's user message, its history and the client's system text."""
+    if body.messages[-1].role != "user":
+        raise UnsupportedRequest("the last message must be from the user", "messages")
+    messages = wire_messages(body)
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"].strip())
+    history = [message for message in messages if message["role"] != "system"]
+    content = history.pop()["content"]
+    if not content.strip():
+        raise UnsupportedRequest("the last user message is empty", "messages")
+    if len(content) > max_chars:
+        raise ContentTooLarge(f"the last user message is {len(content)} characters; the limit is {max_chars}")
+    return ChatInput(content, history, system or None)
+
+
+def is_background_task(request: Request, body: ChatCompletionRequest) -> bool:
+    """Open WebUI's titles, tags and follow-ups: named by the X-OpenWebUI-Task header the README asks users to
+    add, or recognised by shape (one user message starting "### Task:", not streamed)."""
+    if request.headers.get("x-openwebui-task", "").strip():
+        return True
+    first = body.messages[0]
+    return (not body.stream and len(body.messages) == 1 and first.role == "user"
+            and isinstance(first.content, str) and first.content.lstrip().startswith(TASK_PROMPT_PREFIX))
+
+
+def requested_conversation(request: Request) -> str | None:
+    """The conversation id of X-Conversation-ID or Open WebUI's X-OpenWebUI-Chat-Id; None: stateless.
+
+    A malformed X-Conversation-ID is the client's mistake (400); Open WebUI's temporary and channel chats
+    (`temporary:…`, `local:…`, `channel:…`) are not stored, by Open WebUI either, so they run stateless.
+    """
+    explicit = request.headers.get("x-conversation-id", "").strip()
+    if explicit:
+        if not CONVERSATION_ID.match(explicit):
+            raise UnsupportedRequest("X-Conversation-ID must be 1-64 letters, digits, '_' or '-'",
+                                     "X-Conversation-ID")
+        return explicit
+    chat_id = request.headers.get("x-openwebui-chat-id", "").strip()
+    return chat_id if CONVERSATION_ID.match(chat_id) else None
+
+
+def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, retry: bool = False) -> JSONResponse:
+    """An error response in OpenAI's shape. The openai SDKs re-send 409 and 5xx twice by default, which would
+    run the turn and its tools again: `x-should-retry: false` stops them unless `retry` says a repeat is safe."""
+    body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
+                      "param": param, "code": code or OPENAI_ERROR_CODES.get(status, str(status))}}
+    return JSONResponse(body, status_code=status,
+                        headers={**(headers or {}), **({} if retry else {"x-should-retry": "false"})})
+
+
+def agent_openai_error(exc: AgentError, *, retry: bool = False) -> JSONResponse:
+    return openai_error(exc.status_code, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None),
+                        headers=exc.headers, retry=retry)
+
+
+Handler = Callable[[Request, Any], Any]
+
+
+def openai_errors_on_v1(handler: Handler) -> Handler:
+    """Wrap one of the app's exception handlers: on /v1 paths its `{"detail": ...}` answer is given in OpenAI's
+    shape instead (a malformed body is 400 there, as in OpenAI's API, not 422)."""
+
+    async def dispatch(request: Request, exc: Exception) -> Response:
+        response = await handler(request, exc)
+        if not request.url.path.startswith(OPENAI_PREFIX):
+            return response
+        detail = loads_json(response.body).get("detail")
+        status = 400 if response.status_code == 422 else response.status_code
+        return openai_error(status, detail if isinstance(detail, str) else "invalid request",
+                            param=getattr(exc, "param", None), code=getattr(exc, "code", None),
+                            headers=getattr(exc, "headers", None))
+
+    return dispatch
+
+
+class OpenAICompletion:
+    """One answer in OpenAI's shapes. Agent events become deltas (text as `content`, thinking as
+    `reasoning_content`, each finished tool call as one block appended to `content`), then either
+    chat.completion.chunk frames or one chat.completion. Both go through `delta`, so the concatenated
+    stream is the non-streamed answer. Tool calls are never sent as `tool_calls`: the client would run them.
+    """
+
+    def __init__(self, model: str, display: str, *, include_usage: bool = False) -> None:
+        self.id = f"chatcmpl-{secrets.token_hex(12)}"
+        self.created = int(time.time())
+        self.model = model
+        self.display = display
+        self.include_usage = include_usage
+        self.tools_ran = False
+        self._arguments: dict[str, dict[str, Any]] = {}
+        self._line_start = True  # the content so far is empty or ends a line: a block may start here
+        head = JSON_ENCODER.encode({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                    "model": model})[:-1]
+        usage = ',"usage":null' if include_usage else ""
+        self._chunk_head = f'data: {head},"choices":[{{"index":0,"delta":'
+        self._usage_head = f'data: {head},"choices":[],"usage":'
+        self._chunk_tail = f',"finish_reason":null}}]{usage}}}\n\n'
+        self._final_tail = f',"finish_reason":"stop"}}]{usage}}}\n\n'
+
+    def delta(self, event: StreamEvent) -> dict[str, str] | None:
+        """The delta an event adds to the message, if any. `reasoning` events (thinking) are matched by type."""
+        kind = event.type
+        if kind == "token":
+            return self._content(event.content)
+        if kind == "reasoning":
+            return {"reasoning_content": event.content}
+        if kind == "tool_call":
+            self.tools_ran = True
+            self._arguments[event.id] = event.arguments
+        elif kind == "tool_result" and (block := self._tool_block(event)):
+            return self._content(block if self._line_start else "\n" + block)
+        return None
+
+    def _content(self, text: str) -> dict[str, str]:
+        if text:
+            self._line_start = text.endswith("\n")
+        return {"content": text}
+
+    def _tool_block(self, event: ToolResultEvent) -> str:
+        """A finished call as AGENT_TOOL_DISPLAY says: Open WebUI's block, a quoted markdown line, or nothing.
+
+        Every value is HTML-escaped (quotes too): a result holding `"`, `</details>` or `<script>` stays text
+        inside its block. Only finished blocks are sent: the stream only appends, so a spinner would stay.
+        """
+        arguments = JSON_ENCODER.encode(self._arguments.get(event.id, {}))
+        outcome = f"Error: {event.error}" if event.error is not None else event.result or ""
+        if self.display == "details":
+            return (f'<details type="tool_calls" done="true" id="{html.escape(event.id)}" '
+                    f'name="{html.escape(event.name)}" arguments="{html.escape(arguments)}">\n'
+                    f"<summary>Tool Executed</summary>\n{html.escape(outcome)}\n</details>\n")
+        if self.display == "markdown":
+            line = " ".join(f"{event.name}({arguments}) → {outcome}".split())
+            if len(line) > MARKDOWN_TOOL_CHARS:
+                line = line[: MARKDOWN_TOOL_CHARS - 1] + "…"
+            return f"> 🔧 {html.escape(line, quote=False)}\n\n"
+        return ""
+
+    def _chunk(self, delta: dict[str, Any], tail: str) -> str:
+        return f"{self._chunk_head}{JSON_ENCODER.encode(delta)}{tail}"
+
+    def frame(self, event: StreamEvent) -> bytes:
+        """The SSE text an event adds to the stream: a chunk, the end (finish, usage, [DONE]), or nothing."""
+        if event.type == "done":
+            end = self._chunk({}, self._final_tail)
+            if self.include_usage and event.usage is not None:
+                end += f"{self._usage_head}{event.usage.model_dump_json()}}}\n\n"
+            return f"{end}data: [DONE]\n\n".encode()
+        if event.type == "error":
+            error = loads_json(openai_error(event.status, event.detail).body)
+            return f"data: {JSON_ENCODER.encode(error)}\n\ndata: [DONE]\n\n".encode()
+        delta = self.delta(event)
+        return self._chunk(delta, self._chunk_tail).encode() if delta else b""
+
+    def role_chunk(self) -> bytes:
+        """The stream's first chunk, sent at once: the assistant's role."""
+        return self._chunk({"role": "assistant", "content": ""}, self._chunk_tail).encode()
+
+    def response(self, events: list[StreamEvent], headers: dict[str, str]) -> Response:
+        """The finished turn's events as one chat.completion."""
+        content: list[str] = []
+        reasoning: list[str] = []
+        for event in events:
+            if delta := self.delta(event):
+                content.append(delta.get("content", ""))
+                reasoning.append(delta.get("reasoning_content", ""))
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+        if any(reasoning):
+            message["reasoning_content"] = "".join(reasoning)
+        choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion", "created": self.created,
+                                "model": self.model, "choices": [choice]}
+        if (usage := events[-1].usage) is not None:
+            body["usage"] = usage.model_dump()
+        return JSONResponse(body, headers=headers)
+
+
+async def plain_completion_events(llm: VLLMClient, payload: dict[str, Any], *,
+                                  stream: bool) -> AsyncIterator[StreamEvent]:
+    """A background task as one plain vLLM completion, in the agent's event shapes: no tools, no turn, nothing
+    stored."""
+    if stream:
+        assembler = StreamAssembler()
+        async for piece in llm.stream(payload, assembler):
+            yield TokenEvent(content=piece)
+        completion = assembler.completion()
+    else:
+        completion = await llm.complete(payload)
+        yield TokenEvent(content=completion.content)
+    yield DoneEvent(conversation_id="", content=completion.content, usage=completion.usage)
+
+
+async def busy_on_clash(events: AsyncIterator[StreamEvent], conversation_id: str) -> AsyncIterator[StreamEvent]:
+    """Two first turns under one new id: the second to be stored meets the first's row; that is a 409."""
+    try:
+        async for event in events:
+            yield event
+    except IntegrityError as exc:
+        raise ConversationBusy(f"conversation {conversation_id!r} was started by another request at the same "
+                               "time; this turn was not stored") from exc
+
+
+OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": OpenAIErrorBody} for status in (400, 401, 404, 409, 413, 415, 500, 502, 503, 504)
+}
+openai_router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=OPENAI_RESPONSES,
+                          dependencies=[Depends(require_api_key)])
+
+
+@openai_router.get("/models", summary="The agent, as the one model of this OpenAI-compatible API")
+async def list_models(agent: AgentDep) -> OpenAIModelList:
+    name = agent.settings.agent_model_name
+    return OpenAIModelList(data=[OpenAIModel(id=name, created=MODEL_CREATED, owned_by=name)])
+
+
+@openai_router.get("/models/{model}", summary="The agent's model object")
+async def retrieve_model(model: str, agent: AgentDep) -> OpenAIModel:
+    name = agent.settings.agent_model_name
+    if model != name:
+        raise ModelNotFound(f"The model `{model[:200]}` does not exist; this service serves `{name}`")
+    return OpenAIModel(id=name, created=MODEL_CREATED, owned_by=name)
+
+
+@openai_router.post("/chat/completions", response_model=None,
+                    summary="Run one agent turn as an OpenAI chat completion (streamed when `stream` is true)")
+async def chat_completions(body: ChatCompletionRequest, request: Request, agent: AgentDep) -> Response:
+    """Stateless unless a conversation id comes in a header; Open WebUI's background tasks skip the agent."""
+    settings = agent.settings
+    if body.model != settings.agent_model_name:
+        raise ModelNotFound(f"The model `{body.model[:200]}` does not exist; this service serves "
+                            f"`{settings.agent_model_name}`")
+    body.check_supported()
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    completion = OpenAICompletion(body.model, settings.agent_tool_display, include_usage=include_usage)
+    headers: dict[str, str] = {}
+    if is_background_task(request, body):
+        messages = wire_messages(body)
+        if not messages:
+            raise UnsupportedRequest("the request has no system, user or assistant message", "messages")
+        payload = {"messages": messages, **settings.sampling(), **body.sampling()}
+        events = plain_completion_events(agent.llm, payload, stream=body.stream)
+    else:
+        chat = read_chat_input(body, settings.max_content_chars)
+        conversation_id = requested_conversation(request)
+        options = TurnOptions(system=chat.system, sampling=body.sampling(), store=conversation_id is not None)
+        if conversation_id is None:
+            turn = OpenTurn(new_conversation_id(), chat.history, None)
+        else:
+            turn = await agent.open_turn(conversation_id, chat.content, create=True)
+            headers["X-Conversation-ID"] = conversation_id
+        events = agent.run_turn(turn, chat.content, stream=body.stream, options=options)
+        if conversation_id is not None and turn.is_new:
+            events = busy_on_clash(events, conversation_id)
+    if body.stream:
+        return EventSourceResponse(sse_frames(agent, events, completion.frame, first=completion.role_chunk()),
+                                   headers={**SSE_HEADERS, **headers})
+    try:
+        async with agent.deadline():
+            finished = [event async for event in events]
+    except AgentError as exc:  # a 503 before any tool ran may be retried; anything later would run them again
+        logger.info("turn failed: %s %s", exc.status_code, exc)
+        return agent_openai_error(exc, retry=isinstance(exc, VLLMBusy) and not completion.tools_ran)
+    return completion.response(finished, headers)
+
+
+# --- 10. App ---
+
+
 def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
     """Build the service; tests pass their own settings and an httpx transport (e.g. respx's)."""
     settings = settings or load_settings()
@@ -1868,12 +2354,17 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
     app.state.api_key = settings.api_key.get_secret_value().encode() if settings.api_key else None
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                        allow_credentials="*" not in settings.allowed_origins,
-                       allow_methods=["GET", "POST", "DELETE"], allow_headers=["Authorization", "Content-Type"])
+                       allow_methods=["GET", "POST", "DELETE"],
+                       allow_headers=["Authorization", "Content-Type", "X-Conversation-ID", "X-OpenWebUI-Chat-Id",
+                                      "X-OpenWebUI-Task"],
+                       expose_headers=["X-Request-ID", "X-Conversation-ID", "Retry-After"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536)
-    app.add_exception_handler(AgentError, agent_error_handler)
-    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(AgentError, openai_errors_on_v1(agent_error_handler))
+    app.add_exception_handler(RequestValidationError, openai_errors_on_v1(validation_error_handler))
+    app.add_exception_handler(StarletteHTTPException, openai_errors_on_v1(http_exception_handler))
     app.include_router(router)
     app.include_router(open_router)
+    app.include_router(openai_router)
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

@@ -261,7 +261,7 @@ class ChatUI:
         except agent_app.AgentError as exc:
             await put(agent_app.error_event(exc))
             return
-        await self.agent.relay(turn, content, put)
+        await self.agent.relay(self.agent.run_turn(turn, content, stream=True), put)
 
     async def respond(self, message: str, _history: list[Shown], conversation_id: str, thinking: bool,
                       thinking_offered: bool, request: gr.Request) -> AsyncIterator[TurnUpdate]:

@@ -210,10 +210,11 @@ def think_first(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     agent = server.app.state.agent
     run_turn = agent.run_turn
 
-    async def thinking_turn(turn: Any, content: str, *, stream: bool = False) -> AsyncIterator[StreamEvent]:
+    async def thinking_turn(turn: Any, content: str, *, stream: bool = False,
+                            options: Any = None) -> AsyncIterator[StreamEvent]:
         yield Thought(content="The user wants a product; ")  # type: ignore[misc]
         yield Thought(content="use the calculator.")  # type: ignore[misc]
-        async for event in run_turn(turn, content, stream=stream):
+        async for event in run_turn(turn, content, stream=stream, options=options):
             yield event
 
     monkeypatch.setattr(agent, "run_turn", thinking_turn)
