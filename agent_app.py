@@ -433,6 +433,9 @@ class FunctionCall:
 
 
 # --- 4. Parsing ---
+# What Qwen models write when the server leaves the text alone: thinking as `<think>…</think>`, or ending in
+# `</think>` with no opening tag (Qwen3.5+, whose template opens it); Hermes JSON calls (Qwen2.5, Qwen3); XML calls
+# (Qwen3-Coder, Qwen3.5+) read as vLLM 0.33's `qwen3_coder` parser reads them and typed by the tool's JSON Schema.
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"

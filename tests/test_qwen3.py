@@ -276,3 +276,17 @@ async def test_keep_alive_comments_in_vllms_stream_are_skipped(
         events = await stream_chat(http, server.url, {"content": "Hi"})
     assert (events[-1][1]["content"], events[-1][1]["reasoning"]) == ("Hello there.", "Hm.")
 
+
+
+async def test_vllm_0_33_admission_503_is_retried_then_passed_on_as_503(
+        served: Callable[..., Any], http: httpx.AsyncClient) -> None:
+    busy = Reply(status=503, error_message="The engine is currently busy and cannot accept new requests. Please try "
+                                           "again later or on a different instance.")
+    async with served(SETUPS["qwen2.5-hermes"]) as (fake, server):
+        fake.script(busy, "Hello.")
+        retried = (await http.post(f"{server.url}/api/v1/chat", json={"content": "Hi"})).json()
+        fake.script(busy, busy, busy)
+        refused = await http.post(f"{server.url}/api/v1/chat", json={"content": "Hi"})
+    assert retried["content"] == "Hello."
+    assert (refused.status_code, refused.headers["retry-after"]) == (503, "1")
+    assert refused.json()["detail"].startswith("vLLM is busy: The engine is currently busy")
