@@ -3,7 +3,7 @@
   1. Settings     Settings: env vars and .env, validated at startup
   2. Errors       the AgentError tree below; each class carries its HTTP status
   3. Schemas      request/response bodies, stream events, FunctionCall (one tool call, wire to history)
-  4. Parsing      pure functions: Hermes text -> calls; tool-call arguments; the streaming text filter
+  4. Parsing      pure functions: model text -> thinking, answer and calls (Hermes JSON, Qwen3 XML); arguments
   5. vLLM client  VLLMClient: one POST, retried; transport errors translated here; one marked hot path
   6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns
   7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes
@@ -24,18 +24,20 @@ import hmac
 import html
 import json
 import logging
+import math
 import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -50,11 +52,13 @@ from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
 from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.sql import text as sql_text
 from sqlalchemy.types import JSON, Float, Integer, String, Text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -90,6 +94,7 @@ class Settings(BaseSettings):
     vllm_max_concurrency: int = Field(default=256, ge=1, le=10_000)
     vllm_queue_timeout_s: float = Field(default=10.0, ge=0)
     tool_call_format: Literal["auto", "native", "hermes"] = "auto"
+    thinking: Literal["auto", "on", "off"] = "auto"  # auto: the chat template decides
     agent_max_steps: int = Field(default=8, ge=1, le=50)
     turn_timeout_s: float = Field(default=300.0, gt=0)
     tool_timeout_s: float = Field(default=30.0, gt=0)
@@ -230,7 +235,7 @@ class ToolExecutionError(AgentError):
 # --- 3. Schemas ---
 
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-StopReason = Literal["completed", "max_steps", "loop_detected"]
+StopReason = Literal["completed", "max_steps", "loop_detected", "length"]
 
 
 class ChatRequest(BaseModel):
@@ -243,6 +248,8 @@ class ChatRequest(BaseModel):
         pattern=CONVERSATION_ID_PATTERN,
         description="Id returned by an earlier turn; null starts a new conversation.",
     )
+    thinking: bool | None = Field(default=None, description="Let a thinking model think first (true) or not "
+                                  "(false) in this turn; null follows the service's THINKING setting.")
 
     @field_validator("content")
     @classmethod
@@ -277,12 +284,19 @@ class Usage(BaseModel):
 
 
 class ChatResponse(BaseModel):
-    """The outcome of one turn."""
+    """The outcome of one turn; stop_reason "length": the last step was cut at the token limit."""
     conversation_id: str
     content: str
+    reasoning: str | None = Field(default=None, description="The turn's thinking, steps set off by a blank line.")
     tool_calls: list[ToolCallRecord] | None = None
     usage: Usage | None = None
     stop_reason: StopReason = "completed"
+
+
+class ReasoningEvent(BaseModel):
+    """A piece of the model's thinking, streamed before that step's tokens or tool calls."""
+    type: Literal["reasoning"] = "reasoning"
+    content: str
 
 
 class TokenEvent(BaseModel):
@@ -321,7 +335,7 @@ class ErrorEvent(BaseModel):
     detail: str
 
 
-StreamEvent = TokenEvent | ToolCallEvent | ToolResultEvent | DoneEvent | ErrorEvent
+StreamEvent = ReasoningEvent | TokenEvent | ToolCallEvent | ToolResultEvent | DoneEvent | ErrorEvent
 
 
 class ConversationSummary(BaseModel):
@@ -338,6 +352,7 @@ class StoredMessage(BaseModel):
     position: int
     role: Literal["user", "assistant", "tool"]
     content: str | None
+    reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     usage: dict[str, int] | None = None
@@ -385,8 +400,8 @@ class Health(BaseModel):
 
 
 def new_call_id() -> str:
-    """A tool-call id in vLLM's style, for calls that arrived without one."""
-    return f"chatcmpl-tool-{secrets.token_hex(16)}"
+    """A tool-call id as vLLM 0.33 writes them (16 hex digits), for calls that arrive without one."""
+    return f"chatcmpl-tool-{secrets.token_hex(8)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,6 +417,15 @@ class FunctionCall:
     error: str | None = None
     id: str = field(default_factory=new_call_id, compare=False)
 
+    @classmethod
+    def from_wire(cls, call_id: str | None, name: str, arguments: str) -> Self:
+        """A call vLLM parsed itself, its arguments still the JSON text it sent."""
+        call_id = call_id or new_call_id()
+        try:
+            return cls(name, decode_arguments(arguments), id=call_id)
+        except ValueError as exc:
+            return cls(name, {}, f"the arguments are not valid JSON ({exc})", id=call_id)
+
     def wire(self) -> dict[str, Any]:
         """The call as vLLM expects it in history: arguments always a valid JSON string."""
         arguments = json.dumps(self.arguments, ensure_ascii=False)
@@ -409,27 +433,44 @@ class FunctionCall:
 
 
 # --- 4. Parsing ---
+# What Qwen models write when the server leaves the text alone: thinking as `<think>…</think>`, or ending in
+# `</think>` with no opening tag (Qwen3.5+, whose template opens it); Hermes JSON calls (Qwen2.5, Qwen3); XML calls
+# (Qwen3-Coder, Qwen3.5+) read as vLLM 0.33's `qwen3_coder` parser reads them and typed by the tool's JSON Schema.
 
+THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)
-TOOL_NAME_IN_TEXT = re.compile(r'"name"\s*:\s*"([^"\\]{1,100})"')
+TOOL_CALL_CLOSE = "</tool_call>"
+FUNCTION_OPEN = "<function="
+FUNCTION_CLOSE = "</function>"
+CALL_OPENERS = (TOOL_CALL_OPEN, FUNCTION_OPEN)  # vLLM's qwen3 grammar starts a call at either
 MAX_ARGUMENTS_DEPTH = 64  # deeper arguments could not even be echoed back in an event (pydantic stops near 250)
-HERMES_TOOLS_HEADER = (
-    "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-)
-HERMES_TOOLS_FOOTER = (
-    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
-    "<args-json-object>}\n</tool_call>"
-)
 
+CALL_START = re.compile(r"<tool_call>|<function=")
+WHITESPACE = re.compile(r"\s*")
+HERMES_PIECE_END = re.compile(r"</tool_call>|<tool_call>|<function=|\Z")
+BLOCK_END = re.compile(r"</tool_call>|\Z")
+FUNCTION_NAME_END = re.compile(r">|</function>|</tool_call>|<tool_call>|<function=|\Z")
+FUNCTION_BODY_END = re.compile(r"</function>|<function=|\Z")  # a `<tool_call>` in a value is text, as in vLLM
+# vLLM's _PARAM_RE, except that a parameter name stops at `<` too: with `[^>]*` a text of many unclosed
+# `<parameter=` takes quadratic time.
+XML_PARAMETER = re.compile(
+    r"<\s*parameter\s*=\s*([^<>]*)>(.*?)(?:<\s*/\s*parameter\s*>|(?=<\s*parameter\s*=))", re.DOTALL
+)
+TOOL_NAME_IN_TEXT = re.compile(r'"name"\s*:\s*"([^"\\]{1,100})"')
+JSON_DECODER = json.JSONDecoder()
 
-@dataclass(frozen=True, slots=True)
-class ParsedReply:
-    """Model text split into what the user sees and the tool calls it holds."""
-    content: str
-    calls: tuple[FunctionCall, ...] = ()
+# vLLM's _TYPE_ALIASES and its order of trial (coerce_to_schema_type in vllm/tool_parsers/utils.py)
+TYPE_ALIASES = {
+    "str": "string", "text": "string", "varchar": "string", "char": "string", "enum": "string",
+    "int": "integer", "int32": "integer", "int64": "integer", "uint": "integer", "uint32": "integer",
+    "uint64": "integer", "long": "integer", "short": "integer", "unsigned": "integer",
+    "float": "number", "float32": "number", "float64": "number", "double": "number",
+    "bool": "boolean", "dict": "object", "arr": "array", "list": "array", "sequence": "array",
+}
+TYPE_ORDER = ("null", "integer", "number", "boolean", "object", "array", "string")
+ENUM_VALUE_TYPES = ((type(None), "null"), (bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                    (list, "array"), (dict, "object"))  # bool before int: True is an int too
 
 
 def loads_json(text: str | bytes) -> Any:
@@ -440,8 +481,8 @@ def loads_json(text: str | bytes) -> Any:
         raise ValueError("JSON nested too deeply") from None
 
 
-def close_json(text: str) -> str:
-    """Append the closers a truncated JSON text is missing (vLLM streams sometimes drop a `}`)."""
+def json_closers(text: str) -> str:
+    """The closers a truncated JSON text is missing: a `"` first when it ends inside a string."""
     stack: list[str] = []
     in_string = escaped = False
     for char in text:
@@ -458,7 +499,12 @@ def close_json(text: str) -> str:
             stack.append("}" if char == "{" else "]")
         elif char in "}]" and stack and stack[-1] == char:
             stack.pop()
-    return text + ('"' if in_string else "") + "".join(reversed(stack))
+    return ('"' if in_string else "") + "".join(reversed(stack))
+
+
+def close_json(text: str) -> str:
+    """Append the closers a truncated JSON text is missing (vLLM streams sometimes drop a `}`)."""
+    return text + json_closers(text)
 
 
 def loads_lenient(text: str) -> Any:
@@ -484,6 +530,13 @@ def nesting_depth(value: Any) -> int:
     return depth
 
 
+def check_depth(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments, or ValueError when they nest deeper than an event could carry them."""
+    if nesting_depth(arguments) > MAX_ARGUMENTS_DEPTH:
+        raise ValueError(f"arguments nest more than {MAX_ARGUMENTS_DEPTH} levels deep")
+    return arguments
+
+
 def decode_arguments(raw: Any) -> dict[str, Any]:
     """Tool arguments as a dict: empty means {}, a JSON string holding JSON is unwrapped."""
     if raw is None:
@@ -496,34 +549,11 @@ def decode_arguments(raw: Any) -> dict[str, Any]:
             raw = loads_lenient(raw) if raw.strip() else {}
     if not isinstance(raw, dict):
         raise ValueError(f"arguments must be a JSON object, not {type(raw).__name__}")
-    if nesting_depth(raw) > MAX_ARGUMENTS_DEPTH:
-        raise ValueError(f"arguments nest more than {MAX_ARGUMENTS_DEPTH} levels deep")
-    return raw
-
-
-def parse_call_block(body: str) -> list[FunctionCall]:
-    """Read the JSON object(s) inside one <tool_call> block; unreadable text becomes an error call."""
-    decoder = json.JSONDecoder()
-    text, calls = body.strip(), []
-    while text:
-        try:
-            payload, end = decoder.raw_decode(text)
-        except (ValueError, RecursionError):
-            payload, end = None, len(text)
-            try:
-                payload = loads_lenient(text)
-            except ValueError as exc:
-                guess = TOOL_NAME_IN_TEXT.search(text)
-                calls.append(FunctionCall(guess.group(1) if guess else "", {},
-                                        f"the tool call is not valid JSON ({exc}); send it again"))
-                break
-        calls.append(read_call_object(payload))
-        text = text[end:].strip()
-    return calls
+    return check_depth(raw)
 
 
 def read_call_object(payload: Any) -> FunctionCall:
-    """One `{"name": ..., "arguments": ...}` object (Qwen sometimes writes "parameters")."""
+    """One Hermes `{"name": ..., "arguments": ...}` object (Qwen sometimes writes "parameters")."""
     if not isinstance(payload, dict) or not isinstance(payload.get("name"), str):
         return FunctionCall("", {}, 'a tool call must be a JSON object with a "name" string')
     raw = payload["arguments"] if "arguments" in payload else payload.get("parameters")
@@ -533,53 +563,419 @@ def read_call_object(payload: Any) -> FunctionCall:
         return FunctionCall(payload["name"], {}, f"the arguments are not a valid JSON object ({exc})")
 
 
-def parse_hermes_reply(text: str) -> ParsedReply:
-    """Split Qwen/Hermes output into the text before the first <tool_call> and the calls."""
-    start = text.find(TOOL_CALL_OPEN)
-    if start < 0:
-        return ParsedReply(text)
-    calls = [call for body in TOOL_CALL_BLOCK.findall(text, start) for call in parse_call_block(body)]
-    return ParsedReply(text[:start], tuple(calls))
+def read_hermes_objects(piece: str) -> list[FunctionCall]:
+    """The Hermes JSON object(s) in one piece of a `<tool_call>` block; text that does not decode is repaired, or
+    becomes an error call."""
+    calls: list[FunctionCall] = []
+    pos = WHITESPACE.match(piece).end()
+    while pos < len(piece):
+        try:
+            payload, pos = JSON_DECODER.raw_decode(piece, pos)
+        except (ValueError, RecursionError):
+            rest, pos = piece[pos:].rstrip(), len(piece)
+            try:
+                payload = loads_lenient(rest)
+            except ValueError as exc:
+                guess = TOOL_NAME_IN_TEXT.search(rest)
+                calls.append(FunctionCall(guess.group(1) if guess else "", {},
+                                      f"the tool call is not valid JSON ({exc}); send it again"))
+                break
+        calls.append(read_call_object(payload))
+        pos = WHITESPACE.match(piece, pos).end()
+    return calls
 
 
-def render_hermes_tools(system_prompt: str, tools: list[dict[str, Any]]) -> str:
-    """The system prompt with the tool list, exactly as Qwen2.5's chat template renders `tools`."""
-    listing = "".join("\n" + json.dumps(tool, ensure_ascii=False) for tool in tools)
-    return system_prompt + HERMES_TOOLS_HEADER + listing + HERMES_TOOLS_FOOTER
+def hermes_piece_end(text: str, pos: int) -> int:
+    """Where the Hermes JSON from pos ends at the latest: at the next tag, or, when that tag opens a call inside
+    a JSON string, at the block's `</tool_call>`. Decoding a piece at a time keeps hostile text linear."""
+    tag = HERMES_PIECE_END.search(text, pos)
+    if tag.group() in CALL_OPENERS and json_closers(text[pos : tag.start()]).startswith('"'):
+        return BLOCK_END.search(text, tag.start()).start()
+    return tag.start()
 
 
-class VisibleTextFilter:
-    """Passes streamed text on, holding back anything that may start <tool_call> markup."""
+def json_type(value: Any) -> str | None:
+    """The JSON type of an enum value, as vLLM names it (None for a value of no JSON type)."""
+    return next((name for kind, name in ENUM_VALUE_TYPES if isinstance(value, kind)), None)
 
-    def __init__(self) -> None:
-        self._pending = ""
-        self._closed = False
 
-    def feed(self, delta: str) -> str:
-        if self._closed:
-            return ""
-        text = self._pending + delta
-        tag = text.find(TOOL_CALL_OPEN)
-        if tag >= 0:
-            self._closed, self._pending = True, ""
-            return text[:tag]
-        lt = text.rfind("<", max(0, len(text) - len(TOOL_CALL_OPEN)))
-        if lt >= 0 and TOOL_CALL_OPEN.startswith(text[lt:]):
-            self._pending = text[lt:]
-            return text[:lt]
-        self._pending = ""
-        return text
+def schema_types(schema: Any) -> set[str]:
+    """The JSON types a schema allows, from `type`, `enum` values and anyOf/oneOf/allOf (vLLM's
+    extract_types_from_schema); a schema that names none allows a string."""
+    if not isinstance(schema, dict):
+        return {"string"}
+    types: set[str] = set()
+    declared = schema.get("type")
+    types.update(t for t in (declared if isinstance(declared, list) else [declared]) if isinstance(t, str))
+    if isinstance(schema.get("enum"), list):
+        types.update(kind for kind in map(json_type, schema["enum"]) if kind)
+    for choice in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(choice), list):
+            for option in schema[choice]:
+                types |= schema_types(option)
+    return types or {"string"}
 
-    def flush(self) -> str:
-        """End of the text: a lone held-back `<` was just text; a longer tag prefix is dropped."""
-        pending, self._pending = self._pending, ""
-        return pending if pending == "<" and not self._closed else ""
 
+def json_finite(value: Any) -> bool:
+    """Whether a decoded value can be written back as JSON (json.loads reads 1e999 as inf)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def read_as_type(value: str, kind: str) -> tuple[bool, Any]:
+    """Try to read a parameter's text as one JSON type, exactly as vLLM's coerce_to_schema_type does."""
+    if kind == "null":
+        return value.lower() == "null", None
+    if kind in ("integer", "number"):
+        try:
+            return True, int(value)
+        except ValueError:
+            if kind == "integer":
+                return False, None
+        try:
+            number = float(value)
+        except ValueError:
+            return False, None
+        return math.isfinite(number), (int(number) if number.is_integer() else number)
+    if kind == "boolean":
+        word = value.lower().strip()
+        return word in ("true", "1", "false", "0"), word in ("true", "1")
+    if kind in ("object", "array"):
+        try:
+            parsed = loads_json(value)
+        except ValueError:
+            return False, None
+        return json_finite(parsed), parsed
+    return kind == "string", value
+
+
+def coerce_value(value: str, types: set[str]) -> Any:
+    """A parameter's text as the first type in vLLM's order that reads it; else its JSON value, else the text."""
+    wanted = {TYPE_ALIASES.get(kind.strip().lower(), kind.strip().lower()) for kind in types}
+    for kind in TYPE_ORDER:
+        if kind in wanted and (read := read_as_type(value, kind))[0]:
+            return read[1]
+    try:
+        parsed = loads_json(value)
+    except ValueError:
+        return value
+    return parsed if json_finite(parsed) else value
+
+
+def trim_wrapping_newlines(value: str) -> str:
+    """A parameter value without the one leading and one trailing newline that the template writes around it."""
+    return value.removeprefix("\n").removesuffix("\n")
+
+
+def xml_call(name: str, body: str, schemas: Mapping[str, dict[str, Any]]) -> FunctionCall:
+    """One XML call from its `<parameter=…>` body, each value typed by the tool's schema for it; a value with no
+    schema (unknown tool or parameter) stays a string. A string inside an object value stays a string too: vLLM
+    0.33 applies nested `properties`/`items` only to values that are already objects, never to parsed text."""
+    properties = (schemas.get(name) or {}).get("properties") or {}
+    arguments: dict[str, Any] = {}
+    for parameter in XML_PARAMETER.finditer(body):
+        key, value = parameter.group(1), trim_wrapping_newlines(parameter.group(2))
+        schema = properties.get(key)
+        arguments[key] = coerce_value(value, schema_types(schema)) if isinstance(schema, dict) else value
+    try:
+        return FunctionCall(name, check_depth(arguments))
+    except ValueError as exc:
+        return FunctionCall(name, {}, f"the arguments are not a valid JSON object ({exc})")
+
+
+def read_function(text: str, pos: int, schemas: Mapping[str, dict[str, Any]]) -> tuple[list[FunctionCall], int]:
+    """The XML call whose name starts at pos (just after `<function=`), and where reading goes on.
+
+    As in vLLM's grammar, the name ends at `>`, or, unclosed, at the next tag (#58227); the body ends at
+    `</function>` or at the next `<function=`. A call with no name is dropped.
+    """
+    name_end = FUNCTION_NAME_END.search(text, pos)
+    name, body, end = text[pos : name_end.start()].strip(), "", name_end
+    if name_end.group() == ">":
+        end = FUNCTION_BODY_END.search(text, name_end.end())
+        body = text[name_end.end() : end.start()]
+    resume = end.start() if end.group() in CALL_OPENERS else end.end()
+    return ([xml_call(name, body, schemas)] if name else []), resume
+
+
+def read_block(text: str, pos: int) -> tuple[list[FunctionCall], int]:
+    """The Hermes calls of the `<tool_call>` block whose body starts at pos, and where reading goes on.
+
+    Several JSON objects may share a block; an XML call or a new `<tool_call>` inside it is left to the caller.
+    """
+    calls: list[FunctionCall] = []
+    while (pos := WHITESPACE.match(text, pos).end()) < len(text):
+        if text.startswith(CALL_OPENERS, pos):
+            break
+        if text.startswith(TOOL_CALL_CLOSE, pos):
+            return calls, pos + len(TOOL_CALL_CLOSE)
+        end = hermes_piece_end(text, pos)
+        calls.extend(read_hermes_objects(text[pos:end]))
+        pos = end
+    return calls, pos
+
+
+def parse_tool_calls(text: str, schemas: Mapping[str, dict[str, Any]]) -> tuple[str, list[FunctionCall]]:
+    """The text before the first tool-call markup, and the calls in order, Hermes JSON and XML alike.
+
+    `schemas` maps a tool's name to its `parameters` JSON Schema, which types XML values. Text between and
+    after calls is dropped, as vLLM drops it.
+    """
+    first = CALL_START.search(text)
+    if first is None:
+        return text, []
+    calls: list[FunctionCall] = []
+    pos = first.start()
+    while tag := CALL_START.search(text, pos):
+        if tag.group() == FUNCTION_OPEN:
+            found, pos = read_function(text, tag.end(), schemas)
+        else:
+            found, pos = read_block(text, tag.end())
+        calls.extend(found)
+    return text[: first.start()], calls
+
+
+class SplitMode(Enum):
+    """Where a reply's text is: each mode listens for its own tags (MODE_TAGS)."""
+
+    ANSWER = "answer"  # visible text
+    THOUGHT = "thought"  # thinking, shown as such
+    THOUGHT_CALLS = "thought_calls"  # call markup inside a thought: hidden, kept for parsing, until </think>
+    CALLS = "calls"  # call markup and all that follows it: hidden, kept for parsing
+
+
+MODE_TAGS = {
+    SplitMode.ANSWER: (THINK_OPEN, THINK_CLOSE, *CALL_OPENERS),
+    SplitMode.THOUGHT: (THINK_OPEN, THINK_CLOSE, *CALL_OPENERS),
+    SplitMode.THOUGHT_CALLS: (THINK_CLOSE,),
+    SplitMode.CALLS: (),
+}
+MODE_TAG_PATTERNS = {mode: re.compile("|".join(map(re.escape, tags))) for mode, tags in MODE_TAGS.items() if tags}
+
+
+def next_tag(text: str, pos: int, mode: SplitMode) -> re.Match[str] | None:
+    """The first tag at or after pos that matters in this mode."""
+    pattern = MODE_TAG_PATTERNS.get(mode)
+    return pattern.search(text, pos) if pattern else None
+
+
+def undecided_from(text: str, pos: int, mode: SplitMode) -> int:
+    """Where the end of text[pos:] may still be the start of a tag of this mode: held back until more comes."""
+    tags = MODE_TAGS[mode]
+    for start in range(max(pos, len(text) - max(map(len, tags), default=1) + 1), len(text)):
+        if text[start] == "<" and any(tag.startswith(text[start:]) for tag in tags):
+            return start
+    return len(text)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitReply:
+    """One whole reply: the thinking and the answer exactly as they were shown, the calls (the answer's, or when it
+    has none the thinking's), and whether the reply ended inside a thought that no `</think>` nor call closed."""
+
+    reasoning: str
+    content: str
+    calls: list[FunctionCall]
+    thought_open: bool
+
+
+class ReplySplitter:
+    """Splits one model reply, fed delta by delta or whole, into thinking, visible answer and tool calls.
+
+    feed() returns what is safe to show now. No part of a `<think>`, `</think>`, `<tool_call>` or `<function=`
+    tag is ever shown: a possible tag prefix at the end of a piece waits for the next piece. Call markup and
+    all after it is hidden and kept for parsing, as vLLM drops text after calls.
+
+    - The server's `reasoning` is thinking. Once it has sent some, `<think>` and `</think>` in `content` are
+      dropped (vLLM 0.33 absorbs them) and `content` is the answer.
+    - In `content`, a leading `<think>` (after optional whitespace) opens a thought and `</think>` closes it;
+      with `in_thought` (the prompt opened the thought) the content starts inside one. Later think tags are
+      dropped.
+    - Call markup in a thought hides the rest of that thought and closes it as vLLM's grammar does (not cut
+      off); its calls run only when the answer has none (Qwen3.x writes calls in its thought, vllm#39056).
+    - A `</think>` with no thought before it makes the text of the same feed() before it thinking, since it
+      was not returned yet: a whole reply fed at once splits right; a stream cannot take back what it showed.
+    - Whitespace: a thought is shown without its leading and trailing newlines, the answer after a thought
+      without its leading newlines, and whitespace before a leading `<think>` not at all. The rest of the
+      answer passes through unchanged.
+    """
+
+    def __init__(self, schemas: Mapping[str, dict[str, Any]], *, in_thought: bool) -> None:
+        self._schemas = schemas
+        self._starts_in_thought = in_thought  # the content, when it comes, starts inside a thought
+        self._mode = SplitMode.ANSWER  # of the content; THOUGHT from its first piece when it starts in a thought
+        self._reasoning_mode = SplitMode.THOUGHT  # THOUGHT, then CALLS once call markup starts in `reasoning`
+        self._held = self._reasoning_held = ""  # undecided text at the end of the content and the reasoning
+        self._thought_seen = False  # a thought has ended or the server sent reasoning: think tags are absorbed
+        self._thought_started = False  # the current thought has shown text (its leading newlines are behind)
+        self._thought_tail = ""  # newlines at the end of the thinking shown so far, held
+        self._answer_started = False
+        self._answer_lead = ""  # whitespace before the answer's first text, held
+        self._now: tuple[list[str], list[str]] = ([], [])  # thinking and answer of the current call
+        self._shown: tuple[list[str], list[str]] = ([], [])
+        self._answer_calls: list[str] = []
+        self._thought_calls: list[str] = []
+
+    def feed(self, reasoning: str, content: str) -> tuple[str, str]:
+        """One delta's `reasoning` and `content` -> the (thinking, answer) text to show now."""
+        if reasoning:
+            self._thought_seen = True
+            self._feed_reasoning(reasoning)
+        if content:
+            self._feed_content(content)
+        return self._release()
+
+    def flush(self) -> tuple[str, str]:
+        """End of the reply: what was held back and turned out to be text (a lone `<`; a tag prefix is dropped)."""
+        if self._reasoning_held == "<":
+            self._add_thinking("<")
+        held, self._held, self._reasoning_held = self._held, "", ""
+        if held == "<" or self._mode is SplitMode.THOUGHT_CALLS:
+            self._content_text(held)
+        if self._answer_lead:
+            self._start_answer()
+        self._end_thought()
+        return self._release()
+
+    def finish(self) -> SplitReply:
+        """The whole reply, flushed first (so flush() before, when the tail is to be shown)."""
+        self.flush()
+        calls = self._read_calls(self._answer_calls) or self._read_calls(self._thought_calls)
+        thinking, answer = ("".join(pieces) for pieces in self._shown)
+        return SplitReply(thinking, answer, calls, self._mode is SplitMode.THOUGHT)
+
+    def _read_calls(self, markup: list[str]) -> list[FunctionCall]:
+        """The calls in call markup kept from the answer or the thinking."""
+        return parse_tool_calls("".join(markup), self._schemas)[1]
+
+    def _release(self) -> tuple[str, str]:
+        """What this call made showable, now part of what was shown."""
+        thinking, answer = ("".join(pieces) for pieces in self._now)
+        for shown, text in zip(self._shown, (thinking, answer), strict=True):
+            shown.append(text)
+        self._now = ([], [])
+        return thinking, answer
+
+    def _feed_reasoning(self, reasoning: str) -> None:
+        """The server's thinking: think tags dropped, call markup hidden from where it starts."""
+        text, pos = self._reasoning_held + reasoning, 0
+        while tag := next_tag(text, pos, self._reasoning_mode):
+            self._reasoning_text(text[pos : tag.start()])
+            if tag.group() in CALL_OPENERS:
+                self._reasoning_mode, pos = SplitMode.CALLS, tag.start()
+                self._end_thought()
+            else:
+                pos = tag.end()
+        keep = undecided_from(text, pos, self._reasoning_mode)
+        self._reasoning_text(text[pos:keep])
+        self._reasoning_held = text[keep:]
+
+    def _reasoning_text(self, text: str) -> None:
+        if self._reasoning_mode is SplitMode.CALLS:
+            self._thought_calls.append(text)
+        else:
+            self._add_thinking(text)
+
+    def _feed_content(self, content: str) -> None:
+        """The content, text and tags in turn, in the mode each tag leaves; a possible tag at the end waits."""
+        if self._starts_in_thought and not self._thought_seen:
+            self._mode = SplitMode.THOUGHT  # the first content, and no reasoning from the server before it
+        self._starts_in_thought = False
+        text, pos = self._held + content, 0
+        while tag := next_tag(text, pos, self._mode):
+            self._content_text(text[pos : tag.start()])
+            pos = self._content_tag(tag)
+        keep = undecided_from(text, pos, self._mode)
+        self._content_text(text[pos:keep])
+        self._held = text[keep:]
+
+    def _content_text(self, text: str) -> None:
+        match self._mode:
+            case SplitMode.ANSWER:
+                self._add_answer(text)
+            case SplitMode.THOUGHT:
+                self._add_thinking(text)
+            case SplitMode.THOUGHT_CALLS:
+                self._thought_calls.append(text)
+            case SplitMode.CALLS:
+                self._answer_calls.append(text)
+
+    def _content_tag(self, tag: re.Match[str]) -> int:
+        """Act on one tag in the content; returns where to read on (a call opener is read again, as markup)."""
+        if tag.group() in CALL_OPENERS:
+            self._enter_calls()
+            return tag.start()
+        if tag.group() == THINK_OPEN:
+            if self._mode is SplitMode.ANSWER and not self._answer_started and not self._thought_seen:
+                self._mode, self._answer_lead = SplitMode.THOUGHT, ""
+        elif self._mode is not SplitMode.ANSWER:
+            self._close_thought()
+        elif not self._thought_seen:
+            self._close_stray_thought()
+        return tag.end()
+
+    def _close_stray_thought(self) -> None:
+        """A `</think>` with no thought before it: the answer this feed() has not returned yet was thinking."""
+        self._add_thinking("".join(self._now[1]) + self._answer_lead)
+        self._now[1].clear()
+        self._close_thought()
+
+    def _enter_calls(self) -> None:
+        """Call markup starts: in a thought it hides the rest of the thought, in the answer all that follows."""
+        if self._mode is SplitMode.THOUGHT:
+            self._mode = SplitMode.THOUGHT_CALLS
+            self._end_thought()
+            return
+        if not self._answer_started:
+            self._start_answer()
+        self._mode = SplitMode.CALLS
+
+    def _close_thought(self) -> None:
+        self._mode, self._thought_seen = SplitMode.ANSWER, True
+        self._answer_started, self._answer_lead = False, ""
+        self._end_thought()
+
+    def _add_answer(self, text: str) -> None:
+        """Answer text; whitespace before the first text waits, as a `<think>` may still follow it."""
+        if not self._answer_started:
+            body = text.lstrip()
+            self._answer_lead += text[: len(text) - len(body)]
+            if not body:
+                return
+            self._start_answer()
+            text = body
+        self._now[1].append(text)
+
+    def _start_answer(self) -> None:
+        """The answer's first text is here: its held whitespace is shown, without newlines after a thought."""
+        lead = self._answer_lead.lstrip("\n") if self._thought_seen else self._answer_lead
+        self._answer_started, self._answer_lead = True, ""
+        self._now[1].append(lead)
+
+    def _add_thinking(self, text: str) -> None:
+        """Thinking text, without the thought's leading newlines; trailing newlines wait for more text."""
+        if not self._thought_started:
+            text = text.lstrip("\n")
+            self._thought_started = bool(text)
+        body = text.rstrip("\n")
+        if body:
+            self._now[0].append(self._thought_tail + body)
+            self._thought_tail = ""
+        self._thought_tail += text[len(body) :]
+
+    def _end_thought(self) -> None:
+        """The current thought shows no more text: its held trailing newlines are dropped."""
+        self._thought_started, self._thought_tail = False, ""
 
 
 # --- 5. vLLM client ---
 
-CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len", re.IGNORECASE)
+# 0.33 clamps max_tokens instead; it refuses only a prompt that fills the window, with either message
+CONTEXT_LENGTH_MESSAGE = re.compile(r"maximum context length|max_model_len|max_tokens must be at least 1",
+                                    re.IGNORECASE)
 DEFAULT_MAX_MODEL_LEN = 32_768
 MAX_MODEL_LEN_RETRY_S = 60.0  # after a failed GET /v1/models; not once per LLM call
 STREAM_CUT = "vLLM's stream ended before [DONE]"
@@ -593,11 +989,18 @@ class NoToolParser(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One chat completion: text before any tool call, the calls, and the token counts."""
+    """One chat completion: the server's thinking (with a reasoning parser), the text, the calls it parsed, why it
+    stopped ("length": cut at the token limit) and the token counts."""
+    reasoning: str
     content: str
     tool_calls: list[FunctionCall]
     finish_reason: str | None
     usage: Usage | None
+
+
+def reasoning_of(message: dict[str, Any]) -> str:
+    """vLLM 0.33's `reasoning`, or `reasoning_content` from servers before 2026-01-30."""
+    return message.get("reasoning") or message.get("reasoning_content") or ""
 
 
 def upstream_error_message(body: bytes) -> str:
@@ -629,6 +1032,8 @@ def error_for_status(status: int, body: bytes) -> Exception:
         return ContextTooLong(f"the conversation is too long for the model: {message}")
     if status == 400 and AUTO_TOOL_CHOICE_MESSAGE.search(message):
         return NoToolParser(message)
+    if status == 503:  # 0.33's admission control, after our retries: the client may retry later
+        return VLLMBusy(f"vLLM is busy: {message}", retry_after_s=1)
     return LLMError(f"vLLM answered {status}: {message}")
 
 
@@ -641,23 +1046,16 @@ def read_usage(payload: Any) -> Usage | None:
                  total_tokens=int(payload.get("total_tokens") or prompt + completion))
 
 
-def read_call(call_id: str | None, name: str, raw_arguments: str) -> FunctionCall:
-    """A call vLLM parsed; arguments that are not a JSON object become the call's error."""
-    try:
-        return FunctionCall(name, decode_arguments(raw_arguments), id=call_id or new_call_id())
-    except ValueError as exc:
-        return FunctionCall(name, {}, f"the arguments are not valid JSON ({exc})", id=call_id or new_call_id())
-
-
 def read_completion(body: bytes) -> Completion:
     """Turn a non-streaming response body into a Completion, whatever extra keys the version adds."""
     try:
         payload = loads_json(body)
         choice = payload["choices"][0]
         message = choice["message"]
-        calls = [read_call(call.get("id"), call["function"]["name"], call["function"].get("arguments") or "")
+        calls = [FunctionCall.from_wire(call.get("id"), call["function"]["name"],
+                                        call["function"].get("arguments") or "")
                  for call in message.get("tool_calls") or []]
-        return Completion(message.get("content") or "", calls, choice.get("finish_reason"),
+        return Completion(reasoning_of(message), message.get("content") or "", calls, choice.get("finish_reason"),
                           read_usage(payload.get("usage")))
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         raise LLMError("vLLM sent a reply that is not a chat completion") from exc
@@ -667,17 +1065,18 @@ class StreamAssembler:
     """Rebuilds a Completion from streamed chunks: calls by index (never by id), content before calls."""
 
     def __init__(self) -> None:
+        self.reasoning: list[str] = []
         self.content: list[str] = []
         self.calls: dict[int, list[Any]] = {}  # index -> [id, name, argument pieces]
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.done = False
 
-    def feed(self, data: str) -> str:
-        """Take one `data:` payload; return the new visible-candidate text (before any tool call)."""
+    def feed(self, data: str) -> tuple[str, str]:
+        """Take one `data:` payload; return its new (reasoning, content), content only before any tool call."""
         if data == "[DONE]":
             self.done = True
-            return ""
+            return "", ""
         try:
             chunk = loads_json(data)
         except ValueError as exc:
@@ -688,11 +1087,13 @@ class StreamAssembler:
             raise LLMError(f"vLLM reported an error: {upstream_error_message(data.encode())}")
         if chunk.get("usage"):
             self.usage = read_usage(chunk["usage"])
-        return "".join(self._feed_choice(choice) for choice in chunk.get("choices") or ()
-                       if choice.get("index", 0) == 0)
+        choice = next((choice for choice in chunk.get("choices") or () if choice.get("index", 0) == 0), None)
+        return self._feed_choice(choice) if choice is not None else ("", "")
 
-    def _feed_choice(self, choice: dict[str, Any]) -> str:
+    def _feed_choice(self, choice: dict[str, Any]) -> tuple[str, str]:
         delta = choice.get("delta") or {}
+        if reasoning := reasoning_of(delta):
+            self.reasoning.append(reasoning)
         for call in delta.get("tool_calls") or ():
             slot = self.calls.setdefault(call.get("index", 0), [None, "", []])
             function = call.get("function") or {}
@@ -704,14 +1105,14 @@ class StreamAssembler:
             self.finish_reason = choice["finish_reason"]
         content = delta.get("content")
         if not content or self.calls:
-            return ""
+            return reasoning, ""
         self.content.append(content)
-        return content
+        return reasoning, content
 
     def completion(self) -> Completion:
-        calls = [read_call(call_id, name, "".join(arguments))
+        calls = [FunctionCall.from_wire(call_id, name, "".join(arguments))
                  for _, (call_id, name, arguments) in sorted(self.calls.items())]
-        return Completion("".join(self.content), calls, self.finish_reason, self.usage)
+        return Completion("".join(self.reasoning), "".join(self.content), calls, self.finish_reason, self.usage)
 
 
 @contextmanager
@@ -806,8 +1207,9 @@ class VLLMClient:
                 await response.aclose()
         return read_completion(body)
 
-    async def stream(self, payload: dict[str, Any], assembler: StreamAssembler) -> AsyncIterator[str]:
-        """Stream a chat completion: text pieces as they arrive; the reply is assembled in `assembler`."""
+    async def stream(self, payload: dict[str, Any], assembler: StreamAssembler) -> AsyncIterator[tuple[str, str]]:
+        """Stream a chat completion: (reasoning, content) pieces as they arrive; the reply is assembled in
+        `assembler`. Lines other than `data:` (0.33's `: keep-alive` comments) are skipped."""
         request = {**payload, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         async with self._slot():
             response = await self._post(encode_body(request))
@@ -815,10 +1217,11 @@ class VLLMClient:
                 pending = b""
                 async for chunk in response.stream:
                     *lines, pending = (pending + chunk).split(b"\n")
-                    text = "".join(assembler.feed(line[5:].strip().decode()) for line in lines
-                                   if line.startswith(b"data:") and not assembler.done)
-                    if text:
-                        yield text
+                    pieces = [assembler.feed(line[5:].strip().decode()) for line in lines
+                              if line.startswith(b"data:") and not assembler.done]
+                    reasoning, content = "".join(p[0] for p in pieces), "".join(p[1] for p in pieces)
+                    if reasoning or content:
+                        yield reasoning, content  # one piece per network read
                     if assembler.done:
                         break
             except httpx.TimeoutException as exc:
@@ -845,14 +1248,33 @@ class VLLMClient:
                 logger.info("could not read max_model_len from vLLM's /v1/models")
         return self._max_model_len or DEFAULT_MAX_MODEL_LEN
 
-    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int | None:
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                           template_kwargs: dict[str, Any]) -> int | None:
         """Exact prompt size from vLLM's POST /tokenize (chat template applied), or None if unavailable."""
+        tokenized = await self._tokenize(messages, tools, template_kwargs, token_strs=False)
+        return int(tokenized["count"]) if tokenized is not None else None
+
+    async def prompt_end(self, template_kwargs: dict[str, Any]) -> tuple[int, str] | None:
+        """A one-message prompt's size and its last tokens as text (what the generation prompt opens), or None."""
+        tokenized = await self._tokenize([{"role": "user", "content": "Hi"}], [], template_kwargs, token_strs=True)
+        if tokenized is None:
+            return None
+        return int(tokenized["count"]), "".join(map(str, (tokenized.get("token_strs") or [])[-3:]))
+
+    async def _tokenize(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                        template_kwargs: dict[str, Any], *, token_strs: bool) -> dict[str, Any] | None:
+        """vLLM's POST /tokenize of a chat with its generation prompt; None when it cannot answer."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "add_generation_prompt": True}
         if tools:
             body["tools"] = tools
+        if template_kwargs:
+            body["chat_template_kwargs"] = template_kwargs
+        if token_strs:
+            body["return_token_strs"] = True
         try:
             response = await self._http.post(f"{self.base_url}/tokenize", json=body, headers=self._headers)
-            return int(response.json()["count"]) if response.status_code == 200 else None
+            payload = response.json() if response.status_code == 200 else None
+            return payload if isinstance(payload, dict) and int(payload["count"]) >= 0 else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 
@@ -928,6 +1350,7 @@ MESSAGES = Table(
     Column("position", Integer, primary_key=True),
     Column("role", String(16), nullable=False),
     Column("content", Text),
+    Column("reasoning", Text),
     Column("tool_calls", JSON),
     Column("tool_call_id", String(128)),
     Column("usage", JSON),
@@ -1012,7 +1435,8 @@ def message_rows(turn: OpenTurn, messages: list[dict[str, Any]], usages: list[Us
     """A turn's messages as rows of MESSAGES, numbered after the conversation's history."""
     return [
         {"conversation_id": turn.conversation_id, "position": len(turn.history) + offset, "role": message["role"],
-         "content": storable_text(message.get("content")), "tool_calls": message.get("tool_calls"),
+         "content": storable_text(message.get("content")), "reasoning": storable_text(message.get("reasoning")),
+         "tool_calls": message.get("tool_calls"),
          "tool_call_id": storable_text(message.get("tool_call_id")),
          "usage": usage.model_dump() if usage else None, "created_at": now}
         for offset, (message, usage) in enumerate(zip(messages, usages, strict=True))
@@ -1055,7 +1479,7 @@ def take_lease(conn: Connection, conversation_id: str, lease: str, now: float, e
             raise ConversationNotFound(f"conversation {conversation_id!r} not found")
         raise ConversationBusy(f"conversation {conversation_id!r} is busy with another turn; "
                                "retry when that turn has finished")
-    return [wire_message(row) for row in conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
+    return [wire_message(row, reasoning=False) for row in conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
 
 
 def delete_rows(conn: Connection, conversation_id: str) -> None:
@@ -1064,9 +1488,12 @@ def delete_rows(conn: Connection, conversation_id: str) -> None:
         raise ConversationNotFound(f"conversation {conversation_id!r} not found")
 
 
-def wire_message(row: Any) -> dict[str, Any]:
-    """A stored message as vLLM expects it in `messages`."""
+def wire_message(row: Any, *, reasoning: bool) -> dict[str, Any]:
+    """A stored message in vLLM's shape; its thinking only on request: Qwen3's templates want none from earlier
+    turns."""
     message: dict[str, Any] = {"role": row.role, "content": row.content}
+    if reasoning and row.reasoning is not None:
+        message["reasoning"] = row.reasoning
     if row.tool_calls:
         message["tool_calls"] = row.tool_calls
     if row.tool_call_id is not None:
@@ -1084,6 +1511,13 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         return float(updated_at), conversation_id
     except (ValueError, UnicodeError) as exc:
         raise InvalidCursor("cursor is not one this service returned") from exc
+
+
+def create_tables(conn: Connection) -> None:
+    """Create missing tables, and add the columns that later versions added to a database made before them."""
+    METADATA.create_all(conn)
+    if "reasoning" not in {column["name"] for column in inspect(conn).get_columns("messages")}:
+        conn.execute(sql_text("ALTER TABLE messages ADD COLUMN reasoning TEXT"))
 
 
 def set_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -1129,7 +1563,7 @@ class ConversationStore:
         store = cls(url, lease_s=lease_s)
         try:
             async with store._engine.begin() as conn:
-                await conn.run_sync(METADATA.create_all)
+                await conn.run_sync(create_tables)
             yield store
             if store._writer is not None:
                 await asyncio.gather(store._writer, return_exceptions=True)  # the waiters have the errors
@@ -1208,7 +1642,8 @@ class ConversationStore:
         """The stored messages of a conversation, oldest first, in vLLM's message shape."""
         async with self._engine.connect() as conn:
             await self._summary(conn, conversation_id)
-            return [wire_message(row) for row in await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
+            return [wire_message(row, reasoning=True)
+                    for row in await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
 
     async def get_conversation(self, conversation_id: str) -> ConversationDetail:
         async with self._engine.connect() as conn:
@@ -1272,22 +1707,29 @@ class TurnOptions:
     system: str | None = None
     sampling: dict[str, Any] = field(default_factory=dict)
     store: bool = True
+    thinking: bool | None = None  # None: THINKING decides
 
 
 @dataclass(slots=True)
 class StepReply:
-    """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts."""
+    """One LLM call's outcome: the assistant message to keep, the calls it asks for, its token counts, and
+    whether the token limit cut it (then its calls are not run: their arguments may be incomplete)."""
     message: dict[str, Any]
     calls: list[FunctionCall]
     usage: Usage | None
+    cut: bool = False
 
 
 @dataclass
 class TurnState:
-    """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them)."""
+    """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them). The turn's
+    `chat_template_kwargs` and whether its prompt opens a thought (the reply then starts inside one) come first."""
+    template_kwargs: dict[str, Any]
+    in_thought: bool
     messages: list[dict[str, Any]] = field(default_factory=list)
     usages: list[Usage | None] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)  # one entry a step that thought
     records: list[ToolCallRecord] = field(default_factory=list)
     usage: Usage | None = None
     call_counts: Counter[str] = field(default_factory=Counter)
@@ -1309,29 +1751,23 @@ class TurnState:
 
     def done(self, conversation_id: str, stop_reason: StopReason) -> DoneEvent:
         return DoneEvent(conversation_id=conversation_id, content="".join(self.content),
-                         tool_calls=self.records or None, usage=self.usage, stop_reason=stop_reason)
+                         reasoning="\n\n".join(self.reasoning) or None, tool_calls=self.records or None,
+                         usage=self.usage, stop_reason=stop_reason)
 
 
 @dataclass(frozen=True)
 class PromptHead:
-    """What every request of a day starts with: the system message, the native tools (also as JSON text)
-    and their token estimate; made again when the day, the tool list or the tool-call format changes."""
+    """What every request of a day starts with: the system message, the tools (also as JSON text), each tool's
+    parameter schema by name (to type XML arguments) and the token estimate; made again when the day or the tool
+    list changes."""
 
     date: str
     schemas: list[dict[str, Any]]
-    tool_format: str
     system: dict[str, Any]
     tools: list[dict[str, Any]]
     tools_json: EncodedJson
+    parameters: dict[str, dict[str, Any]]
     tokens: int
-
-
-def calls_from_completion(completion: Completion) -> tuple[str, list[FunctionCall]]:
-    """Visible text and calls: vLLM's parsed calls, else any <tool_call> blocks left in the text."""
-    if completion.tool_calls:
-        return completion.content, completion.tool_calls
-    parsed = parse_hermes_reply(completion.content)
-    return parsed.content, list(parsed.calls)
 
 
 def estimate_tokens(value: Any) -> int:
@@ -1370,6 +1806,7 @@ class Agent:
         self.tool_format: Literal["native", "hermes"] = "hermes" if settings.tool_call_format == "hermes" else "native"
         self._sampling = settings.sampling()
         self._heads: dict[bool, PromptHead] = {}
+        self._prompt_ends: dict[bool | None, tuple[int, str]] = {}
 
     async def open_turn(self, conversation_id: str | None, content: str, *, create: bool = False) -> OpenTurn:
         """Check the message and reserve the conversation before any output, so 413, 404 and 409 are real answers.
@@ -1412,10 +1849,13 @@ class Agent:
                        options: TurnOptions | None = None) -> AsyncIterator[StreamEvent]:
         """Run one user turn, yielding events as they happen; the last one is a DoneEvent.
 
-        Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it was
-        and its conversation free.
+        `thinking` overrides THINKING for this turn. A step cut at the token limit ends the turn, its calls not
+        run. Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it
+        was and its conversation free.
         """
-        state = TurnState(options=options or TurnOptions())
+        options = options or TurnOptions()
+        template_kwargs = self._template_kwargs(options.thinking)
+        state = TurnState(template_kwargs, await self._opens_thought(template_kwargs), options=options)
         state.add({"role": "user", "content": content})
         stop_reason: StopReason = "max_steps"
         stored = False
@@ -1423,19 +1863,19 @@ class Agent:
             for _ in range(self.settings.agent_max_steps):
                 async for event in self._call_model(turn.history, state, stream=stream, tools=True):
                     yield event
-                if not state.reply.calls:
-                    state.keep_reply()
-                    stop_reason = "completed"
+                if state.reply.cut or not state.reply.calls:
+                    stop_reason = "length" if state.keep_reply().cut else "completed"
                     break
                 if self._is_looping(state.reply.calls, state):
                     stop_reason = "loop_detected"
                     break
                 async for event in self._run_tools(state.keep_reply().calls, state):
                     yield event
-            if stop_reason != "completed":
+            if stop_reason in ("max_steps", "loop_detected"):
                 async for event in self._call_model(turn.history, state, stream=stream, tools=False, nudge=True):
                     yield event
-                state.keep_reply()
+                if state.keep_reply().cut:
+                    stop_reason = "length"
             if state.options.store:
                 await self.store.commit_turn(turn, state.messages, state.usages)
             stored = True
@@ -1443,6 +1883,33 @@ class Agent:
         finally:
             if not stored:
                 await self.store.close_turn(turn)
+
+    async def model_thinks(self) -> bool:
+        """Whether the served model thinks: its chat template renders the prompt differently with enable_thinking."""
+        ends = [await self._prompt_end({"enable_thinking": value}) for value in (True, False)]
+        return None not in ends and ends[0] != ends[1]
+
+    def _template_kwargs(self, thinking: bool | None) -> dict[str, Any]:
+        """chat_template_kwargs for a turn: its own thinking choice, else THINKING; with auto, the template decides."""
+        if thinking is None and self.settings.thinking != "auto":
+            thinking = self.settings.thinking == "on"
+        return {} if thinking is None else {"enable_thinking": thinking}
+
+    async def _opens_thought(self, template_kwargs: dict[str, Any]) -> bool:
+        """Whether the generation prompt ends in an open `<think>` (Qwen3.5 and later): a server without a
+        reasoning parser then sends a thought that has no opening tag."""
+        end = await self._prompt_end(template_kwargs)
+        return end is not None and end[1].rstrip("\nĊ ").endswith(THINK_OPEN)
+
+    async def _prompt_end(self, template_kwargs: dict[str, Any]) -> tuple[int, str] | None:
+        """The model's generation prompt, as VLLMClient.prompt_end gives it, asked once per thinking choice."""
+        key = template_kwargs.get("enable_thinking")
+        if key not in self._prompt_ends:
+            end = await self.llm.prompt_end(template_kwargs)
+            if end is None:
+                return None
+            self._prompt_ends[key] = end
+        return self._prompt_ends[key]
 
     def _is_looping(self, calls: list[FunctionCall], state: TurnState) -> bool:
         """True when a call repeats one already made REPEATED_CALL_LIMIT - 1 times this turn."""
@@ -1454,47 +1921,71 @@ class Agent:
         return False
 
     async def _call_model(self, history: list[dict[str, Any]], state: TurnState, *, stream: bool, tools: bool,
-                          nudge: bool = False) -> AsyncIterator[TokenEvent]:
-        """One LLM call: visible text as TokenEvents; the reply lands in `state.reply`.
+                          nudge: bool = False) -> AsyncIterator[ReasoningEvent | TokenEvent]:
+        """One LLM call: thinking as ReasoningEvents, then visible text as TokenEvents; the reply lands in
+        `state.reply`.
 
-        Switches to Hermes once if vLLM has no tool parser, and trims harder once if vLLM says the prompt is too
+        Switches to text mode once if vLLM has no tool parser, and trims harder once if vLLM says the prompt is too
         long (both are refused before any text streams).
         """
         current = [*state.messages, {"role": "system", "content": FINAL_ANSWER_NUDGE}] if nudge else state.messages
-        visible, pieces, harder = VisibleTextFilter(), [], False
+        pieces: list[str] = []
+        harder = False
         while True:
-            payload = await self._payload(history, current, state.options, tools=tools, harder=harder)
+            payload = await self._payload(history, current, state, tools=tools, harder=harder)
+            splitter = ReplySplitter(self._prompt_head(tools).parameters, in_thought=state.in_thought)
             try:
                 if stream:
                     assembler = StreamAssembler()
-                    async for piece in self.llm.stream(payload, assembler):
-                        if text := visible.feed(piece):
-                            yield self._token(text, pieces, state)
+                    async for reasoning, content in self.llm.stream(payload, assembler):
+                        for event in self._shown(splitter.feed(reasoning, content), pieces, state):
+                            yield event
                     completion = assembler.completion()
                 else:
                     completion = await self.llm.complete(payload)
+                    for event in self._shown(splitter.feed(completion.reasoning, completion.content), pieces, state):
+                        yield event
                 break
             except NoToolParser as exc:
-                self._switch_to_hermes(exc)
+                self._switch_to_text_mode(exc)
             except ContextTooLong:
                 if harder:
                     raise
                 harder = True
-        content, calls = calls_from_completion(completion)
-        if tail := visible.flush() if stream else content:
-            yield self._token(tail, pieces, state)
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(pieces)}
-        if calls and tools:
-            message["tool_calls"] = [call.wire() for call in calls]
-        state.reply = StepReply(message, calls if tools else [], completion.usage)
+        for event in self._shown(splitter.flush(), pieces, state):
+            yield event
+        state.reply = self._step_reply(completion, splitter.finish(), "".join(pieces), state, tools=tools)
 
-    def _switch_to_hermes(self, exc: NoToolParser) -> None:
-        """From now on tools go in the system prompt, as TOOL_CALL_FORMAT=auto allows (else the turn fails)."""
+    @staticmethod
+    def _step_reply(completion: Completion, split: SplitReply, content: str, state: TurnState, *,
+                    tools: bool) -> StepReply:
+        """The step's assistant message, with its thinking (sent back within this turn) and the calls to run: vLLM's,
+        else those in the text; none when the step was cut at the token limit."""
+        cut = completion.finish_reason == "length"
+        calls = (completion.tool_calls or split.calls) if tools and not cut else []
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if split.reasoning:
+            message["reasoning"] = split.reasoning
+            state.reasoning.append(split.reasoning)
+        if calls:
+            message["tool_calls"] = [call.wire() for call in calls]
+        return StepReply(message, calls, completion.usage, cut)
+
+    def _shown(self, shown: tuple[str, str], pieces: list[str], state: TurnState) -> list[ReasoningEvent | TokenEvent]:
+        """The events for what the splitter let through: thinking first, then answer text."""
+        thinking, answer = shown
+        events: list[ReasoningEvent | TokenEvent] = [ReasoningEvent(content=thinking)] if thinking else []
+        if answer:
+            events.append(self._token(answer, pieces, state))
+        return events
+
+    def _switch_to_text_mode(self, exc: NoToolParser) -> None:
+        """From now on tool calls are read from the text, as TOOL_CALL_FORMAT=auto allows (else the turn fails)."""
         if self.tool_format != "native" or self.settings.tool_call_format != "auto":
             raise LLMError(str(exc)) from exc
         self.tool_format = "hermes"
         logger.warning("vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
-                       "switching to Hermes tool calls in the prompt", self.llm.base_url)
+                       "reading tool calls from the model's text", self.llm.base_url)
 
     @staticmethod
     def _token(text: str, pieces: list[str], state: TurnState) -> TokenEvent:
@@ -1505,36 +1996,41 @@ class Agent:
         state.content.append(text)
         return TokenEvent(content=text)
 
-    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], options: TurnOptions, *,
+    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], state: TurnState, *,
                        tools: bool, harder: bool) -> dict[str, Any]:
-        """The request body: system prompt (with tools in Hermes mode), what fits of history, tools, sampling."""
+        """The request body: system prompt, what fits of history, tools, the thinking choice, sampling.
+
+        In text mode the tools go with `tool_choice: "none"`: the model's own template renders them in the format
+        it was trained on (Qwen3.5: XML), and vLLM leaves the calls in the text for us to read.
+        """
         head = self._prompt_head(tools)
-        if options.system:
-            system = {"role": "system", "content": f"{head.system['content']}\n\n{options.system}"}
-            head = replace(head, system=system, tokens=head.tokens + estimate_tokens(options.system))
-        messages = await self._fit(head, history, current, harder=harder)
-        payload: dict[str, Any] = {"messages": messages, **self._sampling, **options.sampling}
+        if state.options.system:
+            system = {"role": "system", "content": f"{head.system['content']}\n\n{state.options.system}"}
+            head = replace(head, system=system, tokens=head.tokens + estimate_tokens(state.options.system))
+        messages = await self._fit(head, history, current, state.template_kwargs, harder=harder)
+        payload: dict[str, Any] = {"messages": messages, **self._sampling, **state.options.sampling}
         if head.tools:
             payload["tools"] = head.tools_json
+            if self.tool_format == "hermes":
+                payload |= {"tool_choice": "none", "skip_special_tokens": False}  # keep the tags in the text
+        if state.template_kwargs:
+            payload["chat_template_kwargs"] = state.template_kwargs
         return payload
 
     def _prompt_head(self, tools: bool) -> PromptHead:
         schemas = self.registry.openai_schemas() if tools else NO_TOOLS
         today = datetime.now(UTC).date().isoformat()
         head = self._heads.get(tools)
-        if head is None or head.schemas is not schemas or head.date != today or head.tool_format != self.tool_format:
-            system_text = self.settings.system_prompt.replace("{date}", today)
-            if schemas and self.tool_format == "hermes":
-                system_text = render_hermes_tools(system_text, schemas)
-            system = {"role": "system", "content": system_text}
-            native_tools = schemas if self.tool_format == "native" else NO_TOOLS
-            head = self._heads[tools] = PromptHead(today, schemas, self.tool_format, system, native_tools,
-                                                   EncodedJson(JSON_ENCODER.encode(native_tools)),
-                                                   estimate_tokens(system) + estimate_tokens(native_tools))
+        if head is None or head.schemas is not schemas or head.date != today:
+            system = {"role": "system", "content": self.settings.system_prompt.replace("{date}", today)}
+            parameters = {schema["function"]["name"]: schema["function"].get("parameters") or {} for schema in schemas}
+            head = self._heads[tools] = PromptHead(today, schemas, system, schemas,
+                                                   EncodedJson(JSON_ENCODER.encode(schemas)), parameters,
+                                                   estimate_tokens(system) + estimate_tokens(schemas))
         return head
 
-    async def _fit(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]], *,
-                   harder: bool) -> list[dict[str, Any]]:
+    async def _fit(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]],
+                   template_kwargs: dict[str, Any], *, harder: bool) -> list[dict[str, Any]]:
         """System prompt, the newest whole turns of history that fit the window, and the current turn.
 
         Below half the budget a cheap estimate decides; nearer the limit vLLM's /tokenize counts.
@@ -1553,7 +2049,7 @@ class Agent:
             if estimate <= budget // 2:
                 count = estimate
             else:
-                count = await self.llm.count_tokens(messages, head.tools) or estimate
+                count = await self.llm.count_tokens(messages, head.tools, template_kwargs) or estimate
             if count <= budget:
                 if first:
                     logger.info("sending the newest %d of %d turns to fit %d tokens", len(turns) - first,
@@ -1626,12 +2122,12 @@ SSE_PING_S = 15.0
 YOUNG_GC_THRESHOLD = 10_000  # a turn's objects die by reference counting; the young collector found nothing
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
-    "description": "Events `token`, `tool_call`, `tool_result`, then one `done` or `error`; each `data:` is "
-                   "JSON whose `type` is the event name.",
+    "description": "Events `reasoning`, `token`, `tool_call`, `tool_result`, then one `done` or `error`; each "
+                   "`data:` is JSON whose `type` is the event name.",
     "content": {"text/event-stream": {"itemSchema": {"oneOf": [
         {key: value for key, value in model.model_json_schema(ref_template="#/components/schemas/{model}").items()
          if key != "$defs"}  # nested models (Usage, ToolCallRecord) are components already
-        for model in (TokenEvent, ToolCallEvent, ToolResultEvent, DoneEvent, ErrorEvent)]}}},
+        for model in (ReasoningEvent, TokenEvent, ToolCallEvent, ToolResultEvent, DoneEvent, ErrorEvent)]}}},
 }}
 CHAT_RESPONSE_JSON = TypeAdapter(ChatResponse)  # a DoneEvent through it loses `type`, as the API documents
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
@@ -1676,7 +2172,8 @@ async def chat(body: ChatRequest, agent: AgentDep) -> Response:
     """The turn's events drained into its `done` event, serialized as ChatResponse (not validated again)."""
     turn = await agent.open_turn(body.conversation_id, body.content)
     async with agent.deadline():
-        events = [event async for event in agent.run_turn(turn, body.content)]
+        events = [event async for event in agent.run_turn(turn, body.content,
+                                                           options=TurnOptions(thinking=body.thinking))]
     return Response(CHAT_RESPONSE_JSON.dump_json(events[-1]), media_type="application/json")
 
 
@@ -1684,7 +2181,8 @@ async def chat(body: ChatRequest, agent: AgentDep) -> Response:
              summary="Run one agent turn, streaming events as Server-Sent Events")
 async def chat_stream(body: ChatRequest, agent: AgentDep) -> EventSourceResponse:
     turn = await agent.open_turn(body.conversation_id, body.content)
-    return EventSourceResponse(sse_frames(agent, agent.run_turn(turn, body.content, stream=True), sse_event),
+    return EventSourceResponse(sse_frames(agent, agent.run_turn(
+        turn, body.content, stream=True, options=TurnOptions(thinking=body.thinking)), sse_event),
                                headers=SSE_HEADERS)
 
 
@@ -2235,8 +2733,9 @@ async def plain_completion_events(llm: VLLMClient, payload: dict[str, Any], *,
     stored."""
     if stream:
         assembler = StreamAssembler()
-        async for piece in llm.stream(payload, assembler):
-            yield TokenEvent(content=piece)
+        async for _thinking, text in llm.stream(payload, assembler):  # a task's thinking is not shown
+            if text:
+                yield TokenEvent(content=text)
         completion = assembler.completion()
     else:
         completion = await llm.complete(payload)

@@ -48,6 +48,8 @@ THINKING_TITLE = "Thinking"
 PLACEHOLDER = "Ask the agent…"
 BUSY_PLACEHOLDER = "The agent is working… Stop cancels the turn."
 STOPPED_NOTE = "*Stopped. This turn was not saved, so the agent will not remember it.*"
+CUT_NOTE = "*The answer was cut at the token limit.*"
+CUT_THOUGHT_NOTE = "*The model reached the token limit while thinking, so there is no answer.*"
 RESTARTED_NOTE = "*This conversation had been deleted, so the agent answered in a new one without the messages above.*"
 
 Shown = dict[str, Any]  # a chat message as Gradio hands it to a handler
@@ -249,7 +251,7 @@ class ChatUI:
                        thinking: bool | None) -> None:
         """One turn through the agent, each event to `put`, a failure included as the last, `error`, event.
 
-        `thinking` (None: the model's default) has nowhere to go in today's API and is not sent yet.
+        `thinking` (None: the service's THINKING setting) turns the model's thinking on or off for this turn.
         """
         import agent_app  # imported here: it imports this module at its top
 
@@ -261,7 +263,8 @@ class ChatUI:
         except agent_app.AgentError as exc:
             await put(agent_app.error_event(exc))
             return
-        await self.agent.relay(self.agent.run_turn(turn, content, stream=True), put)
+        options = agent_app.TurnOptions(thinking=thinking)
+        await self.agent.relay(self.agent.run_turn(turn, content, stream=True, options=options), put)
 
     async def respond(self, message: str, _history: list[Shown], conversation_id: str, thinking: bool,
                       thinking_offered: bool, request: gr.Request) -> AsyncIterator[TurnUpdate]:
@@ -278,6 +281,8 @@ class ChatUI:
             while (event := await events.get()) is not None:
                 view.apply(event)
                 if event.type == "done":
+                    if event.stop_reason == "length":
+                        view.add_note(CUT_NOTE if event.content else CUT_THOUGHT_NOTE)
                     if conversation_id and event.conversation_id != conversation_id:
                         view.add_note(RESTARTED_NOTE)
                     conversation_id = event.conversation_id

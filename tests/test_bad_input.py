@@ -10,9 +10,7 @@ Which status for what is too big:
 """
 
 import base64
-import itertools
 import json
-import string
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +24,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent_app import (
+    CALL_START,
     CONVERSATION_ID_PATTERN,
-    TOOL_CALL_OPEN,
     FunctionCall,
     Settings,
     ToolCallEvent,
-    VisibleTextFilter,
     decode_arguments,
-    parse_hermes_reply,
+    parse_tool_calls,
 )
 
 
@@ -199,12 +196,12 @@ JSON_VALUES = st.recursive(
 
 @settings(max_examples=300, deadline=1000)
 @given(text=st.one_of(MARKUP_TEXT, DEEP_JSON, st.text()))
-def test_parse_hermes_reply_takes_any_text(text: str) -> None:
-    """No exception, whatever the model writes; the content is the text before the first tag."""
-    reply = parse_hermes_reply(text)
-    start = text.find(TOOL_CALL_OPEN)
-    assert reply.content == (text if start < 0 else text[:start])
-    for call in reply.calls:
+def test_parse_tool_calls_takes_any_text(text: str) -> None:
+    """No exception, whatever the model writes; the content is the text before the first call tag."""
+    content, calls = parse_tool_calls(text, {})
+    start = CALL_START.search(text)
+    assert content == (text if start is None else text[: start.start()])
+    for call in calls:
         assert isinstance(call, FunctionCall) and isinstance(call.name, str) and isinstance(call.arguments, dict)
         assert call.error is None or (call.arguments == {} and isinstance(call.error, str))
 
@@ -219,25 +216,3 @@ def test_decode_arguments_returns_an_object_that_can_be_sent_on_or_raises_value_
         return
     assert isinstance(arguments, dict)
     ToolCallEvent(id="call", name="tool", arguments=arguments).model_dump_json()
-
-
-def visible_part(text: str) -> str:
-    """What a user may see of a whole reply: the text before the first tag, minus a trailing tag prefix."""
-    if TOOL_CALL_OPEN in text:
-        return text[: text.index(TOOL_CALL_OPEN)]
-    for size in range(len(TOOL_CALL_OPEN) - 1, 1, -1):
-        if text.endswith(TOOL_CALL_OPEN[:size]):
-            return text[:-size]
-    return text
-
-
-@settings(max_examples=300, deadline=1000)
-@given(text=st.one_of(MARKUP_TEXT, st.text(alphabet=string.printable + "<>é")),
-       cuts=st.lists(st.integers(min_value=0, max_value=200), max_size=12))
-def test_visible_text_filter_shows_exactly_the_visible_part_however_the_text_is_split(
-    text: str, cuts: list[int]
-) -> None:
-    bounds = sorted({0, len(text), *(cut for cut in cuts if cut <= len(text))})
-    text_filter = VisibleTextFilter()
-    shown = "".join(text_filter.feed(text[start:end]) for start, end in itertools.pairwise(bounds))
-    assert shown + text_filter.flush() == visible_part(text)

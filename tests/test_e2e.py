@@ -61,7 +61,7 @@ async def test_rest_answers_the_seoul_question_with_both_tools(
     assert body["usage"]["prompt_tokens"] > 0
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     first, second = (request.body for request in fake_vllm.requests)
-    assert ("tools" in first) is (tool_call_format == "native")
+    assert first.get("tool_choice") == (None if tool_call_format == "native" else "none")  # text mode: none
     assert [m["role"] for m in second["messages"]] == ["system", "user", "assistant", "tool", "tool"]
     assistant, *results = second["messages"][2:]
     assert [call["id"] for call in assistant["tool_calls"]] == [result["tool_call_id"] for result in results]
@@ -93,7 +93,7 @@ async def test_sse_streams_tool_events_tokens_and_done(
 async def test_hermes_prompt_renders_exactly_like_native_tools(
     fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient
 ) -> None:
-    """Qwen sees the same prompt whether vLLM renders `tools` or we render them ourselves."""
+    """Qwen sees the same prompt whether vLLM parses its calls or leaves them in the text for us."""
     for tool_call_format in ("native", "hermes"):
         fake_vllm.tool_parser = tool_call_format == "native"
         async with live_server(vllm_base_url=fake_vllm.url, tool_call_format=tool_call_format) as server:
@@ -114,8 +114,8 @@ async def test_auto_switches_to_hermes_once_when_vllm_has_no_tool_parser(
     check_seoul_answer(first.json())
     assert second.json()["tool_calls"][0]["result"] == "1024"
     assert health["vllm"]["tool_call_format"] == "hermes"
-    sent_tools = ["tools" in request.body for request in fake_vllm.requests]
-    assert sent_tools == [True, False, False, False, False]
+    tool_choices = [request.body.get("tool_choice") for request in fake_vllm.requests]
+    assert tool_choices == [None, "none", "none", "none", "none"]
 
 
 async def test_streamed_hermes_tokens_never_carry_markup(

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from vllm_parser_cases import REASONING_CASES, TOOL_CASES, Call, Contains, Expected, ReasoningCase, ToolCase
 
-from qwen_parsing import (
+from agent_app import (
+    FunctionCall,
     ReplySplitter,
     SplitReply,
-    ToolCall,
     close_json,
     coerce_value,
     decode_arguments,
@@ -25,14 +25,14 @@ from qwen_parsing import (
 
 CALC = '{"name": "calculator", "arguments": {"expression": "12*7"}}'
 TIME = '{"name": "get_current_time", "arguments": {"timezone": "Asia/Seoul"}}'
-CALC_CALL = ToolCall("calculator", {"expression": "12*7"})
-TIME_CALL = ToolCall("get_current_time", {"timezone": "Asia/Seoul"})
+CALC_CALL = FunctionCall("calculator", {"expression": "12*7"})
+TIME_CALL = FunctionCall("get_current_time", {"timezone": "Asia/Seoul"})
 TIME_XML = (
     "<tool_call>\n<function=get_current_time>\n<parameter=timezone>\nAsia/Seoul\n</parameter>\n</function>\n"
     "</tool_call>"
 )
 WEATHER_XML = "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
-WEATHER_CALL = ToolCall("get_weather", {"city": "Paris"})
+WEATHER_CALL = FunctionCall("get_weather", {"city": "Paris"})
 SCHEMAS = {
     "calculator": {"type": "object", "properties": {"expression": {"type": "string"}}},
     "get_current_time": {"type": "object", "properties": {"timezone": {"type": "string"}}},
@@ -101,38 +101,39 @@ def cut(text: str, cuts: list[int]) -> list[str]:
                      ("", [CALC_CALL]), id="arguments-as-json-string"),
         pytest.param('<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}\n</tool_call>',
                      ("", [CALC_CALL]), id="missing-closing-brace-repaired"),
-        pytest.param('<tool_call>{"name": "get_current_time"}</tool_call>', ("", [ToolCall("get_current_time", {})]),
+        pytest.param('<tool_call>{"name": "get_current_time"}</tool_call>',
+                     ("", [FunctionCall("get_current_time", {})]),
                      id="no-arguments-means-empty"),
         pytest.param('<tool_call>{"name": "get_current_time", "arguments": ""}</tool_call>',
-                     ("", [ToolCall("get_current_time", {})]), id="empty-arguments-string"),
+                     ("", [FunctionCall("get_current_time", {})]), id="empty-arguments-string"),
         pytest.param('<tool_call>{"name": "calc", "arguments": {"x": "ü"}}</tool_call>',
-                     ("", [ToolCall("calc", {"x": "ü"})]), id="non-ascii-raw"),
+                     ("", [FunctionCall("calc", {"x": "ü"})]), id="non-ascii-raw"),
         pytest.param('<tool_call>{"name": "write", "arguments": {"text": "use <tool_call> tags"}}</tool_call>',
-                     ("", [ToolCall("write", {"text": "use <tool_call> tags"})]), id="tag-inside-a-json-string"),
+                     ("", [FunctionCall("write", {"text": "use <tool_call> tags"})]), id="tag-inside-a-json-string"),
         pytest.param(
             '<tool_call>{"name": "calculator", "arguments": {"expression": 12*7}}</tool_call>',
-            ("", [ToolCall("calculator", {}, "the tool call is not valid JSON (Expecting ',' delimiter: line 1 "
+            ("", [FunctionCall("calculator", {}, "the tool call is not valid JSON (Expecting ',' delimiter: line 1 "
                                              "column 54 (char 53)); send it again")]),
             id="malformed-json-goes-back-to-model",
         ),
         pytest.param(
             "<tool_call>{oops}</tool_call>",
-            ("", [ToolCall("", {}, "the tool call is not valid JSON (Expecting property name enclosed in double "
+            ("", [FunctionCall("", {}, "the tool call is not valid JSON (Expecting property name enclosed in double "
                                    "quotes: line 1 column 2 (char 1)); send it again")]),
             id="garbage-in-tag",
         ),
         pytest.param('<tool_call>["calculator"]</tool_call>',
-                     ("", [ToolCall("", {}, 'a tool call must be a JSON object with a "name" string')]),
+                     ("", [FunctionCall("", {}, 'a tool call must be a JSON object with a "name" string')]),
                      id="not-an-object"),
         pytest.param(
             '<tool_call>{"name": "calculator", "arguments": [1, 2]}</tool_call>',
-            ("", [ToolCall("calculator", {}, "the arguments are not a valid JSON object (arguments must be a JSON "
+            ("", [FunctionCall("calculator", {}, "the arguments are not a valid JSON object (arguments must be a JSON "
                                              "object, not list)")]),
             id="arguments-not-an-object",
         ),
     ],
 )
-def test_parse_tool_calls_reads_hermes_json(text: str, expected: tuple[str, list[ToolCall]]) -> None:
+def test_parse_tool_calls_reads_hermes_json(text: str, expected: tuple[str, list[FunctionCall]]) -> None:
     assert parse_tool_calls(text, SCHEMAS) == expected
 
 
@@ -173,10 +174,10 @@ def test_close_json(text: str, expected: str) -> None:
     assert close_json(text) == expected
 
 
-# --- ToolCall
+# --- FunctionCall
 
 def test_a_call_vllm_parsed_keeps_its_id_and_decodes_its_arguments() -> None:
-    call = ToolCall.from_wire("chatcmpl-tool-1", "calculator", '{"expression": "12*7"}')
+    call = FunctionCall.from_wire("chatcmpl-tool-1", "calculator", '{"expression": "12*7"}')
     assert (call, call.id) == (CALC_CALL, "chatcmpl-tool-1")
 
 
@@ -192,11 +193,11 @@ def test_a_call_vllm_parsed_keeps_its_id_and_decodes_its_arguments() -> None:
     ],
 )
 def test_a_call_vllm_parsed_with_unreadable_arguments_carries_an_error(arguments: str, error: str) -> None:
-    assert ToolCall.from_wire("chatcmpl-tool-1", "calculator", arguments) == ToolCall("calculator", {}, error)
+    assert FunctionCall.from_wire("chatcmpl-tool-1", "calculator", arguments) == FunctionCall("calculator", {}, error)
 
 
 def test_a_call_goes_back_to_vllm_with_its_arguments_as_json_text() -> None:
-    call = ToolCall("calc", {"x": "ü"}, id="chatcmpl-tool-1")
+    call = FunctionCall("calc", {"x": "ü"}, id="chatcmpl-tool-1")
     assert call.wire() == {"id": "chatcmpl-tool-1", "type": "function",
                            "function": {"name": "calc", "arguments": '{"x": "ü"}'}}
 
@@ -213,23 +214,23 @@ def test_new_call_ids_look_like_vllm_0_33s() -> None:
         pytest.param(WEATHER_XML, ("", [WEATHER_CALL]), id="one-call"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                      "<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
-                     ("", [ToolCall("get_weather", {"city": "Paris", "days": 3})]), id="integer-by-schema"),
+                     ("", [FunctionCall("get_weather", {"city": "Paris", "days": 3})]), id="integer-by-schema"),
         pytest.param("<tool_call>\n<function=unknown>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>",
-                     ("", [ToolCall("unknown", {"days": "3"})]), id="unknown-tool-keeps-strings"),
+                     ("", [FunctionCall("unknown", {"days": "3"})]), id="unknown-tool-keeps-strings"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=hours>\n3\n</parameter>\n</function>\n"
                      "</tool_call>",
-                     ("", [ToolCall("get_weather", {"hours": "3"})]), id="unknown-parameter-keeps-a-string"),
+                     ("", [FunctionCall("get_weather", {"hours": "3"})]), id="unknown-parameter-keeps-a-string"),
         # vLLM 0.33 types nested `properties` only in values that are already objects, never in parsed text.
         pytest.param('<tool_call>\n<function=get_weather>\n<parameter=filters>\n{"min_stars": "100"}\n'
                      "</parameter>\n</function>\n</tool_call>",
-                     ("", [ToolCall("get_weather", {"filters": {"min_stars": "100"}})]),
+                     ("", [FunctionCall("get_weather", {"filters": {"min_stars": "100"}})]),
                      id="a-string-inside-an-object-stays-a-string"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\n\nParis\n\n</parameter>\n</function>\n"
-                     "</tool_call>", ("", [ToolCall("get_weather", {"city": "\nParis\n"})]),
+                     "</tool_call>", ("", [FunctionCall("get_weather", {"city": "\nParis\n"})]),
                      id="only-one-newline-trimmed-each-side"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
                      "<parameter=city>\nLyon\n</parameter>\n</function>\n</tool_call>",
-                     ("", [ToolCall("get_weather", {"city": "Lyon"})]), id="a-repeated-parameter-keeps-the-last"),
+                     ("", [FunctionCall("get_weather", {"city": "Lyon"})]), id="a-repeated-parameter-keeps-the-last"),
         pytest.param("<tool_call>\n<function=>\n</function>\n</tool_call>", ("", []),
                      id="a-call-without-a-name-is-dropped"),
         pytest.param("Sure.\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
@@ -238,26 +239,26 @@ def test_new_call_ids_look_like_vllm_0_33s() -> None:
                      id="no-closer-between-calls"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n<parameter=days>\n2\n</parameter>\n"
                      "</function>\n</tool_call>",
-                     ("", [ToolCall("get_weather", {"city": "Paris", "days": 2})]), id="missing-parameter-closer"),
+                     ("", [FunctionCall("get_weather", {"city": "Paris", "days": 2})]), id="missing-parameter-closer"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis",
-                     ("", [ToolCall("get_weather", {})]), id="a-value-cut-off-is-dropped-as-vllm-drops-it"),
+                     ("", [FunctionCall("get_weather", {})]), id="a-value-cut-off-is-dropped-as-vllm-drops-it"),
         pytest.param(f"<tool_call>\n{CALC}\n</tool_call>\n{TIME_XML}", ("", [CALC_CALL, TIME_CALL]),
                      id="hermes-then-xml"),
         pytest.param(f"{TIME_XML}\n<tool_call>{CALC}</tool_call>", ("", [TIME_CALL, CALC_CALL]), id="xml-then-hermes"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=city>\n" + "[" * 65 + "]" * 65
-                     + "\n</parameter>\n</function>\n</tool_call>", ("", [ToolCall("get_weather", {"city": "["
+                     + "\n</parameter>\n</function>\n</tool_call>", ("", [FunctionCall("get_weather", {"city": "["
                      * 65 + "]" * 65})]), id="a-string-value-is-never-parsed"),
         pytest.param("<tool_call>\n<function=get_weather>\n<parameter=filters>\n" + "[" * 65 + "]" * 65
                      + "\n</parameter>\n</function>\n</tool_call>",
-                     ("", [ToolCall("get_weather", {}, "the arguments are not a valid JSON object (arguments nest "
+                     ("", [FunctionCall("get_weather", {}, "the arguments are not a valid JSON object (arguments nest "
                                                        "more than 64 levels deep)")]), id="a-value-too-deep"),
         # vLLM drops text between <tool_call> and <function=; we tell the model the text was not a call.
         pytest.param("<tool_call>:\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>",
-                     ("", [ToolCall("", {}, "the tool call is not valid JSON (Expecting value: line 1 column 1 "
+                     ("", [FunctionCall("", {}, "the tool call is not valid JSON (Expecting value: line 1 column 1 "
                                             "(char 0)); send it again"), WEATHER_CALL]), id="text-before-the-function"),
     ],
 )
-def test_parse_tool_calls_reads_xml(text: str, expected: tuple[str, list[ToolCall]]) -> None:
+def test_parse_tool_calls_reads_xml(text: str, expected: tuple[str, list[FunctionCall]]) -> None:
     assert parse_tool_calls(text, SCHEMAS) == expected
 
 
@@ -308,9 +309,10 @@ def test_a_prose_mention_of_a_call_gives_calls_that_vllm_gives_and_one_error() -
     text = ("Use <tool_call>\n<function=function_name\nWait, let me call the real tool via <tool_call>:\n"
             "<tool_call>\n<function=get_weather>\n<parameter=city>Tokyo</parameter>\n</function>\n</tool_call>")
     assert parse_tool_calls(text, SCHEMAS) == ("Use ", [
-        ToolCall("function_name\nWait, let me call the real tool via", {}),
-        ToolCall("", {}, "the tool call is not valid JSON (Expecting value: line 1 column 1 (char 0)); send it again"),
-        ToolCall("get_weather", {"city": "Tokyo"}),
+        FunctionCall("function_name\nWait, let me call the real tool via", {}),
+        FunctionCall("", {}, "the tool call is not valid JSON (Expecting value: line 1 column 1 (char 0)); "
+                             "send it again"),
+        FunctionCall("get_weather", {"city": "Tokyo"}),
     ])
 
 
@@ -435,9 +437,9 @@ def test_each_feed_returns_what_is_safe_to_show_at_once() -> None:
 
 CALL_ENDS_THOUGHT = "the call that ends the thought is run; vLLM hands its text on as content, to its tool parser"
 NEWLINES = "a thought is shown without its wrapping newlines, the answer after it without its leading ones"
-BASH_CAT = ToolCall("bash", {"command": "cat /etc/hosts"})
+BASH_CAT = FunctionCall("bash", {"command": "cat /etc/hosts"})
 READ_FILE = SplitReply("I need to read the file.", "", [BASH_CAT], False)
-LS_FILE = SplitReply("I need to read the file.", "", [ToolCall("bash", {"cmd": "ls"})], False)
+LS_FILE = SplitReply("I need to read the file.", "", [FunctionCall("bash", {"cmd": "ls"})], False)
 # Where our split of the raw text deliberately differs from what vLLM's server returns: (ours, why).
 OUR_SPLITS: dict[str, tuple[SplitReply, str]] = {
     "tests/reasoning/test_qwen3_reasoning_parser.py::test_reasoning[tool_call_no_think_end]":
@@ -450,7 +452,7 @@ OUR_SPLITS: dict[str, tuple[SplitReply, str]] = {
         (READ_FILE, CALL_ENDS_THOUGHT),
     "tests/reasoning/test_qwen3_reasoning_parser.py::test_reasoning_streaming_multi_token_deltas"
     "[tool_call_implicit_reasoning_end]":
-        (SplitReply("I need to read the file.", "", [ToolCall("bash", {})], False), CALL_ENDS_THOUGHT),
+        (SplitReply("I need to read the file.", "", [FunctionCall("bash", {})], False), CALL_ENDS_THOUGHT),
     "tests/reasoning/test_qwen3_reasoning_parser.py::test_reasoning_thinking_disabled"
     "[thinking_disabled_with_tool_call]":
         (SplitReply("", "I need to read the file.\n\n", [BASH_CAT], False),
@@ -461,14 +463,14 @@ OUR_SPLITS: dict[str, tuple[SplitReply, str]] = {
         (LS_FILE, CALL_ENDS_THOUGHT),
     "tests/parser/engine/test_qwen3_reasoning.py::TestNonStreaming::test_live_scenario_think_end_before_tool_call":
         (SplitReply("The user wants to see what files are in the current directory and their contents. Let me "
-                    "start by listing the directory.", "", [ToolCall("read", {"filePath": "/Users/test/demo"})],
+                    "start by listing the directory.", "", [FunctionCall("read", {"filePath": "/Users/test/demo"})],
                     False), "the call after </think> is parsed, not shown"),
     "tests/parser/engine/test_qwen3_reasoning.py::TestStreaming::test_streaming_tool_call_implicit_end":
-        (SplitReply("I need to check.", "", [ToolCall("test", {})], False), CALL_ENDS_THOUGHT),
+        (SplitReply("I need to check.", "", [FunctionCall("test", {})], False), CALL_ENDS_THOUGHT),
     "tests/parser/engine/test_qwen3_reasoning.py::TestStreaming::test_streaming_content_after_tool_call":
-        (SplitReply("thinking", "", [ToolCall("f", {})], False), CALL_ENDS_THOUGHT),
+        (SplitReply("thinking", "", [FunctionCall("f", {})], False), CALL_ENDS_THOUGHT),
     "tests/parser/engine/test_qwen3_reasoning.py::TestStreaming::test_streaming_think_end_and_tool_call_same_delta":
-        (SplitReply("Let me list the directory.", "", [ToolCall("read", {"filePath": "/tmp"})], False),
+        (SplitReply("Let me list the directory.", "", [FunctionCall("read", {"filePath": "/tmp"})], False),
          "the call after </think> is parsed, not shown"),
     "tests/parser/engine/test_qwen3_reasoning.py::TestWhitespaceStrippingDisabled"
     "::test_non_streaming_preserves_trailing_newline":
@@ -531,7 +533,7 @@ def test_vllm_reasoning_split_by_the_server_reads_as_the_raw_text(case: Reasonin
         assert (reply.reasoning, reply.content, reply.calls) == (ours.reasoning, ours.content, ours.calls)
 
 
-def checked_calls(calls: list[ToolCall], case: ToolCase) -> tuple[Call, ...]:
+def checked_calls(calls: list[FunctionCall], case: ToolCase) -> tuple[Call, ...]:
     """Our calls as vLLM's test sees them: the ones it checks, with arguments only where it checks them."""
     ours = [Call(call.name, call.arguments) for call in calls]
     if case.calls_checked == "last":
@@ -603,7 +605,7 @@ def test_streamed_text_never_shows_markup_and_matches_the_parse(text: str, cuts:
 def test_parser_never_raises(text: str) -> None:
     content, calls = parse_tool_calls(f"<tool_call>{text}</tool_call>", SCHEMAS)
     assert content == ""
-    assert all(isinstance(call, ToolCall) and isinstance(call.arguments, dict) for call in calls)
+    assert all(isinstance(call, FunctionCall) and isinstance(call.arguments, dict) for call in calls)
 
 
 MARKUP = st.lists(st.sampled_from([*TAGS, "</tool_call>", "</function>", "<parameter=city>", "</parameter>", ">",

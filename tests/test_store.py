@@ -308,3 +308,29 @@ async def test_nul_from_a_model_or_tool_is_stored_as_a_replacement_character(sto
     assert [m["content"] for m in stored] == ["hi", "", "out\ufffdput", "done\ufffd"]
     assert stored[2]["tool_call_id"] == "call\ufffd1"
     assert stored[1]["tool_calls"] == [call]
+
+
+async def test_a_database_from_before_reasoning_gets_the_column_and_keeps_its_messages(
+        database_url: str, open_store: StoreFactory) -> None:
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE conversations (id VARCHAR(64) PRIMARY KEY, title VARCHAR(200) NOT NULL, "
+                                "created_at FLOAT NOT NULL, updated_at FLOAT NOT NULL, message_count INTEGER NOT NULL, "
+                                "lease_token VARCHAR(32), lease_expires_at FLOAT)"))
+        await conn.execute(text("CREATE TABLE messages (conversation_id VARCHAR(64) REFERENCES conversations(id) "
+                                "ON DELETE CASCADE, position INTEGER, role VARCHAR(16) NOT NULL, content TEXT, "
+                                "tool_calls JSON, tool_call_id VARCHAR(128), usage JSON, created_at FLOAT NOT NULL, "
+                                "PRIMARY KEY (conversation_id, position))"))
+        await conn.execute(text("INSERT INTO conversations VALUES ('old', 'Hi', 1, 1, 1, NULL, NULL)"))
+        await conn.execute(text("INSERT INTO messages VALUES ('old', 0, 'user', 'Hi', NULL, NULL, NULL, 1)"))
+    await engine.dispose()
+    thought = [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": "Yes.", "reasoning": "Easy."}]
+    async with open_store() as store:
+        conversation_id = await new_conversation(store, thought)
+        old = await store.load_messages("old")
+        new = await store.get_conversation(conversation_id)
+        turn = await store.open_turn(conversation_id)
+        await store.close_turn(turn)
+    assert old == [{"role": "user", "content": "Hi"}]
+    assert [message.reasoning for message in new.messages] == [None, "Easy."]
+    assert turn.history == [{"role": "user", "content": "Hm?"}, {"role": "assistant", "content": "Yes."}]

@@ -6,14 +6,13 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from itertools import accumulate
-from typing import Any, Literal
+from typing import Any
 
 import gradio as gr
 import pytest
 from fake_vllm import FakeVLLM, Reply, tokenize
-from pydantic import BaseModel
 
-from agent_app import DoneEvent, ErrorEvent, TokenEvent, ToolCallEvent, ToolResultEvent, create_app
+from agent_app import DoneEvent, ErrorEvent, ReasoningEvent, TokenEvent, ToolCallEvent, ToolResultEvent, create_app
 from ui import (
     BUSY_PLACEHOLDER,
     PLACEHOLDER,
@@ -33,13 +32,6 @@ from ui import (
 UIFactory = Callable[..., Any]
 START_VLLM = "--enable-auto-tool-choice --tool-call-parser hermes"
 TAB = gr.Request(session_hash="tab")
-
-
-class ReasoningEvent(BaseModel):
-    """The stream's `reasoning` event as issue 14 specifies it (agent_app does not send it yet)."""
-
-    type: Literal["reasoning"] = "reasoning"
-    content: str
 
 
 def user(text: str) -> gr.ChatMessage:

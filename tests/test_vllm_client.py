@@ -79,7 +79,7 @@ async def make_client(router: respx.MockRouter, make_settings: Callable[..., Set
 
 async def test_complete_reads_a_plain_answer(router: respx.MockRouter, make_client: Callable[..., VLLMClient]) -> None:
     router.post(CHAT_URL).respond(json=completion_body("Paris."))
-    assert await make_client().complete(PAYLOAD) == Completion("Paris.", [], "stop", usage(30, 8, 38))
+    assert await make_client().complete(PAYLOAD) == Completion("", "Paris.", [], "stop", usage(30, 8, 38))
 
 
 async def test_complete_reads_tool_calls_and_sends_the_model(
@@ -205,8 +205,8 @@ async def test_non_json_200_is_an_llm_error(router: respx.MockRouter, make_clien
     assert str(caught.value) == "vLLM sent a reply that is not a chat completion"
 
 
-async def collect(client: VLLMClient) -> list[str | Completion]:
-    """The streamed text pieces, then the Completion assembled from them."""
+async def collect(client: VLLMClient) -> list[tuple[str, str] | Completion]:
+    """The streamed (reasoning, content) pieces, then the Completion assembled from them."""
     assembler = StreamAssembler()
     return [piece async for piece in client.stream(PAYLOAD, assembler)] + [assembler.completion()]
 
@@ -226,7 +226,7 @@ async def test_stream_assembles_parallel_calls_by_index(router: respx.MockRouter
     ), headers={"content-type": "text/event-stream"})
     pieces = await collect(make_client())
     calls = [FunctionCall("calculator", {"expression": "12*7"}), FunctionCall("get_current_time", {})]
-    assert pieces == [Completion("", calls, "tool_calls", usage(5, 4, 9))]
+    assert pieces == [Completion("", "", calls, "tool_calls", usage(5, 4, 9))]
     assert [call.id for call in pieces[0].tool_calls] == ["call-a", "call-b"]
     sent = json.loads(route.calls.last.request.content)
     assert (sent["stream"], sent["stream_options"]) == (True, {"include_usage": True})
@@ -246,7 +246,8 @@ async def test_stream_yields_one_text_piece_per_network_read(router: respx.MockR
         yield body[split:]
 
     router.post(CHAT_URL).mock(side_effect=lambda request: httpx.Response(200, content=two_reads()))
-    assert await collect(make_client()) == ["Hello", " wörld", Completion("Hello wörld", [], "stop", usage(5, 4, 9))]
+    assert await collect(make_client()) == [("", "Hello"), ("", " wörld"),
+                                           Completion("", "Hello wörld", [], "stop", usage(5, 4, 9))]
 
 
 @pytest.mark.parametrize(
@@ -275,7 +276,7 @@ async def test_stream_status_errors_are_read_before_streaming(router: respx.Mock
                                                               make_client: Callable[..., VLLMClient]) -> None:
     route = router.post(CHAT_URL).mock(side_effect=[httpx.Response(500), httpx.Response(200, content=sse(
         delta({"content": "ok"}), delta({}, finish_reason="stop")))])
-    assert await collect(make_client()) == ["ok", Completion("ok", [], "stop", None)]
+    assert await collect(make_client()) == [("", "ok"), Completion("", "ok", [], "stop", None)]
     assert route.call_count == 2
 
 
