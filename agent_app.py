@@ -13,7 +13,7 @@
   ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, ConversationBusy 409,
   │                    ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422
   ├── LLMError 502 ── LLMTimeout 504 ── TurnTimeout 504
-  ├── VLLMBusy 503 (Retry-After)
+  ├── VLLMBusy 503 (Retry-After) · StoreUnavailable 503 (Retry-After)
   └── ToolExecutionError 500
 """
 
@@ -54,7 +54,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine, create_engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
 from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
@@ -227,6 +227,12 @@ class VLLMBusy(AgentError):
         self.headers = {"Retry-After": str(retry_after_s)}
 
 
+class StoreUnavailable(AgentError):
+    """The database that keeps the conversations cannot be reached; the client should retry later."""
+    status_code = 503
+    headers = {"Retry-After": "5"}  # noqa: RUF012 - constant header of every such 503
+
+
 class ToolExecutionError(AgentError):
     """A tool failed in a way that cannot be handed back to the model."""
     status_code = 500
@@ -391,10 +397,17 @@ class VLLMStatus(BaseModel):
     tool_call_format: Literal["native", "hermes"]
 
 
+class DatabaseStatus(BaseModel):
+    """Whether the conversation store answers; its kind, never its URL (/health needs no API key)."""
+    kind: Literal["SQLite", "PostgreSQL"]
+    reachable: bool
+
+
 class Health(BaseModel):
-    """Liveness of the service, reachability of vLLM and of each MCP server (`degraded` if one is down)."""
+    """Liveness of the service, reachability of vLLM, the database and each MCP server (`degraded` if one is down)."""
     status: Literal["ok", "degraded"]
     vllm: VLLMStatus
+    database: DatabaseStatus
     mcp: dict[str, McpServerStatus]
 
 
@@ -1548,6 +1561,7 @@ class ConversationStore:
             self._sqlite = create_engine(self._engine.url.set(drivername="sqlite+pysqlite"), **SQLITE_POOL)
             sqlalchemy_event.listen(self._sqlite, "connect", set_sqlite_pragmas)
             self._sqlite_thread = ThreadPoolExecutor(1, "sqlite-writer")
+        self.kind: Literal["SQLite", "PostgreSQL"] = "SQLite" if sqlite else "PostgreSQL"
         self._queue: list[PendingWrite] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -1640,13 +1654,13 @@ class ConversationStore:
 
     async def load_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         """The stored messages of a conversation, oldest first, in vLLM's message shape."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             await self._summary(conn, conversation_id)
             return [wire_message(row, reasoning=True)
                     for row in await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})]
 
     async def get_conversation(self, conversation_id: str) -> ConversationDetail:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             summary = await self._summary(conn, conversation_id)
             rows = (await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})).all()
         messages = [StoredMessage.model_validate(row, from_attributes=True) for row in rows]
@@ -1660,7 +1674,7 @@ class ConversationStore:
             query = query.where(or_(CONVERSATIONS.c.updated_at < updated_at,
                                     and_(CONVERSATIONS.c.updated_at == updated_at,
                                          CONVERSATIONS.c.id < conversation_id)))
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             rows = (await conn.execute(query.limit(limit + 1))).all()
         page = [ConversationSummary.model_validate(row, from_attributes=True) for row in rows[:limit]]
         more = len(rows) > limit
@@ -1670,13 +1684,43 @@ class ConversationStore:
     async def delete_conversation(self, conversation_id: str) -> None:
         await self._write_op(delete_rows, conversation_id)
 
+    async def is_reachable(self) -> bool:
+        """True when the database answers a `SELECT 1` within two seconds."""
+        try:
+            async with asyncio.timeout(2), self._engine.connect() as conn:
+                await conn.execute(select(1))
+        except (TimeoutError, SQLAlchemyError, OSError):
+            return False
+        return True
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads; a database that cannot be reached is a StoreUnavailable."""
+        with self._database_errors():
+            async with self._engine.connect() as conn:
+                yield conn
+
     async def _write_op(self, operation: Callable[..., T], *args: Any) -> T:
         """operation(connection, *args) in one transaction: on SQLite's writer thread, else in one greenlet."""
-        if self._sqlite_thread is not None:
-            return await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._run_sqlite,
-                                                                    operation, args)
-        async with self._engine.begin() as conn:
-            return await conn.run_sync(operation, *args)
+        with self._database_errors():
+            if self._sqlite_thread is not None:
+                return await asyncio.get_running_loop().run_in_executor(self._sqlite_thread, self._run_sqlite,
+                                                                        operation, args)
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(operation, *args)
+
+    @contextmanager
+    def _database_errors(self) -> Iterator[None]:
+        """The database's connection failures stop here: a request gets a 503 that names the kind of database,
+        never its URL. The pool replaces broken connections, so the store recovers once the database is back."""
+        try:
+            yield
+        except (OperationalError, InterfaceError, OSError) as exc:
+            raise StoreUnavailable(f"the conversation store ({self.kind}) is unavailable; retry shortly") from exc
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            raise StoreUnavailable(f"the conversation store ({self.kind}) is unavailable; retry shortly") from exc
 
     def _run_sqlite(self, operation: Callable[..., T], args: tuple[Any, ...]) -> T:
         with self.write_engine.begin() as conn:
@@ -2258,9 +2302,10 @@ async def health(request: Request, agent: AgentDep) -> Health:
     reachable = await agent.llm.is_reachable()
     status = VLLMStatus(url=agent.llm.base_url, reachable=reachable, model=agent.llm.model,
                         tool_call_format=agent.tool_format)
+    database = DatabaseStatus(kind=agent.store.kind, reachable=await agent.store.is_reachable())
     mcp_servers: McpServers = request.app.state.mcp_servers
-    healthy = reachable and not mcp_servers.unavailable()
-    return Health(status="ok" if healthy else "degraded", vllm=status, mcp=mcp_servers.status())
+    healthy = reachable and database.reachable and not mcp_servers.unavailable()
+    return Health(status="ok" if healthy else "degraded", vllm=status, database=database, mcp=mcp_servers.status())
 
 
 async def agent_error_handler(request: Request, exc: AgentError) -> JSONResponse:

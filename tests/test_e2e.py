@@ -268,8 +268,9 @@ async def test_tools_health_docs_and_ui_routes(fake_vllm: FakeVLLM, live_server:
     assert [tool["name"] for tool in tools] == ["calculator", "get_current_time"]
     assert tools[0]["parameters"]["required"] == ["expression"]
     vllm = {"url": fake_vllm.url, "reachable": True, "model": "Qwen/Qwen2.5-7B-Instruct", "tool_call_format": "native"}
-    assert healthy == {"status": "ok", "vllm": vllm, "mcp": {}}
-    assert degraded == {"status": "degraded", "vllm": vllm | {"reachable": False}, "mcp": {}}
+    database = {"kind": "SQLite", "reachable": True}
+    assert healthy == {"status": "ok", "vllm": vllm, "database": database, "mcp": {}}
+    assert degraded == {"status": "degraded", "vllm": vllm | {"reachable": False}, "database": database, "mcp": {}}
     assert (root.status_code, root.headers["location"]) == (307, "/ui")
     assert ui.status_code == 200 and "<html" in ui.text.lower()
     assert {"/api/v1/chat", "/api/v1/chat/stream", "/api/v1/tools", "/api/v1/health"} <= set(openapi["paths"])
