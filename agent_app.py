@@ -1,4 +1,4 @@
-"""vLLM agent service: REST, SSE and a Gradio page over one tool-using agent.
+"""vLLM agent service: REST, SSE, a Gradio page and an OpenAI-compatible API over one tool-using agent.
 
   1. Settings     Settings: env vars and .env, validated at startup
   2. Errors       the AgentError tree below; each class carries its HTTP status
@@ -7,11 +7,14 @@
   5. vLLM client  VLLMClient: one POST, retried; transport errors translated here; one marked hot path
   6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns
   7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes
-  8. App          create_app(), lifespan, auth, request context, routes and SSE framing
+  8. API          auth, request context, error handlers, the /api/v1 routes and SSE framing
+  9. OpenAI API   /v1/models and /v1/chat/completions: the agent as a model for OpenAI clients and chat UIs
+  10. App         create_app(): the lifespan (store, vLLM client, MCP servers), middleware, routers, the page
 
   AgentError 500
   ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, ConversationBusy 409,
-  │                    ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422
+  │   │                ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422
+  │   └── (section 9) ModelNotFound 404, InvalidChatRequest 422 ── UnsupportedRequest 400
   ├── LLMError 502 ── LLMTimeout 504 ── TurnTimeout 504
   ├── VLLMBusy 503 (Retry-After) · StoreUnavailable 503 (Retry-After)
   └── ToolExecutionError 500
@@ -2157,7 +2160,7 @@ class Agent:
         return index, result
 
 
-# --- 8. App ---
+# --- 8. API ---
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody} for status in (401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
@@ -2434,17 +2437,24 @@ RENDERED_TOOL_CALLS = re.compile(
     r'<details type="(?:tool_calls|reasoning|code_interpreter)"[^>]*>.*?</details>\n?|^> 🔧 [^\n]*\n?\n?',
     re.DOTALL | re.MULTILINE,
 )
-OPENAI_ERROR_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found", 409: "conversation_busy",
-                      413: "too_large", 415: "unsupported_media_type", 500: "internal_error", 502: "upstream_error",
-                      503: "overloaded", 504: "timeout"}
+OPENAI_ERROR_CODES = {400: "unsupported", 401: "invalid_api_key", 404: "not_found", 409: "conversation_busy",
+                      413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error",
+                      502: "upstream_error", 503: "overloaded", 504: "timeout"}
 
 
-class UnsupportedRequest(ClientError):
-    """A chat request this endpoint cannot honour (n > 1, logprobs, images, a forced tool call, ...)."""
+class InvalidChatRequest(ClientError):
+    """A chat request whose messages cannot make a turn (the last not from the user, empty, NUL, a bad id): 422, as
+    /api/v1 answers the same mistakes."""
+    status_code = 422
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
+
+
+class UnsupportedRequest(InvalidChatRequest):
+    """A chat request this endpoint cannot honour (n > 1, logprobs, images, a forced tool call, ...)."""
+    status_code = 400
 
 
 class ModelNotFound(ClientError):
@@ -2570,7 +2580,7 @@ def message_text(message: OpenAIMessage, index: int) -> str:
             parts.append(part["text"])
         text = "\n".join(parts)
     if "\x00" in text:
-        raise UnsupportedRequest(f"messages[{index}]: must not contain NUL characters (\\u0000)",
+        raise InvalidChatRequest(f"messages[{index}]: must not contain NUL characters (\\u0000)",
                                  f"messages[{index}].content")
     return text
 
@@ -2598,13 +2608,13 @@ def wire_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
 def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
     """Split the messages into the turn's user message, its history and the client's system text."""
     if body.messages[-1].role != "user":
-        raise UnsupportedRequest("the last message must be from the user", "messages")
+        raise InvalidChatRequest("the last message must be from the user", "messages")
     messages = wire_messages(body)
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system" and m["content"].strip())
     history = [message for message in messages if message["role"] != "system"]
     content = history.pop()["content"]
     if not content.strip():
-        raise UnsupportedRequest("the last user message is empty", "messages")
+        raise InvalidChatRequest("the last user message is empty", "messages")
     if len(content) > max_chars:
         raise ContentTooLarge(f"the last user message is {len(content)} characters; the limit is {max_chars}")
     return ChatInput(content, history, system or None)
@@ -2629,7 +2639,7 @@ def requested_conversation(request: Request) -> str | None:
     explicit = request.headers.get("x-conversation-id", "").strip()
     if explicit:
         if not CONVERSATION_ID.match(explicit):
-            raise UnsupportedRequest("X-Conversation-ID must be 1-64 letters, digits, '_' or '-'",
+            raise InvalidChatRequest("X-Conversation-ID must be 1-64 letters, digits, '_' or '-'",
                                      "X-Conversation-ID")
         return explicit
     chat_id = request.headers.get("x-openwebui-chat-id", "").strip()
@@ -2663,7 +2673,7 @@ def openai_errors_on_v1(handler: Handler) -> Handler:
         if not request.url.path.startswith(OPENAI_PREFIX):
             return response
         detail = loads_json(response.body).get("detail")
-        status = 400 if response.status_code == 422 else response.status_code
+        status = response.status_code
         return openai_error(status, detail if isinstance(detail, str) else "invalid request",
                             param=getattr(exc, "param", None), code=getattr(exc, "code", None),
                             headers=getattr(exc, "headers", None))
@@ -2799,7 +2809,7 @@ async def busy_on_clash(events: AsyncIterator[StreamEvent], conversation_id: str
 
 
 OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIErrorBody} for status in (400, 401, 404, 409, 413, 415, 500, 502, 503, 504)
+    status: {"model": OpenAIErrorBody} for status in (400, 401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
 }
 openai_router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=OPENAI_RESPONSES,
                           dependencies=[Depends(require_api_key)])
@@ -2834,7 +2844,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, agent:
     if is_background_task(request, body):
         messages = wire_messages(body)
         if not messages:
-            raise UnsupportedRequest("the request has no system, user or assistant message", "messages")
+            raise InvalidChatRequest("the request has no system, user or assistant message", "messages")
         payload = {"messages": messages, **settings.sampling(), **body.sampling()}
         events = plain_completion_events(agent.llm, payload, stream=body.stream)
     else:

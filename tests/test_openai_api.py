@@ -6,7 +6,7 @@ import html
 import json
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import openai
@@ -15,10 +15,8 @@ from conftest import LiveServer
 from fake_vllm import FakeVLLM, Reply
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
-from pydantic import BaseModel
 
 import tools
-from agent_app import StreamEvent
 
 KEY = "sk-test"
 MODEL = "vllm-agent"
@@ -198,41 +196,31 @@ async def test_open_webui_rendering_golden(case: str, serve: Callable[..., LiveS
     assert all(text.rstrip("\n").endswith("</details>") for text in deltas if "<details" in text)  # whole blocks
 
 
-class Thought(BaseModel):
-    """A stand-in for the executor's ReasoningEvent (Qwen3 thinking), which this endpoint matches by type."""
-
-    type: Literal["reasoning"] = "reasoning"
-    content: str
+HERMES_CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "12*7"}}\n</tool_call>'
+QWEN3_STEPS = ("<think>\nI should calculate.\n</think>\n\n" + HERMES_CALL,
+               "<think>\nI have the result.\n</think>\n\nThe result is 84.")
 
 
-def think_first(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the agent think before each turn, as the thinking executor will."""
-    agent = server.app.state.agent
-    run_turn = agent.run_turn
-
-    async def thinking_turn(turn: Any, content: str, *, stream: bool = False,
-                            options: Any = None) -> AsyncIterator[StreamEvent]:
-        yield Thought(content="The user wants a product; ")  # type: ignore[misc]
-        yield Thought(content="use the calculator.")  # type: ignore[misc]
-        async for event in run_turn(turn, content, stream=stream, options=options):
-            yield event
-
-    monkeypatch.setattr(agent, "run_turn", thinking_turn)
-
-
-async def test_thinking_and_a_call_golden(serve: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch) -> None:
-    async with serve() as server:
-        think_first(server, monkeypatch)
-        whole, chunks = await both_ways(sdk(server), [{"role": "user", "content": "what is 12*7?"}])
-    expected = block("calculator", "{&quot;expression&quot;: &quot;12*7&quot;}", "84") + "The results: 84."
+async def test_a_thinking_model_streams_its_thoughts_as_reasoning_content(
+    live_server: Callable[..., LiveServer]
+) -> None:
+    """Qwen3 on vLLM 0.33 with `--reasoning-parser qwen3`: thinking as reasoning_content, never in content."""
+    async with FakeVLLM(version="0.33", template="qwen3", tool_parser="hermes", reasoning_parser="qwen3") as fake:
+        fake.script(*QWEN3_STEPS, *QWEN3_STEPS)
+        async with live_server(vllm_base_url=fake.url, vllm_model=fake.model, api_key=KEY) as server:
+            whole, chunks = await both_ways(sdk(server), [{"role": "user", "content": "what is 12*7?"}])
+    expected = block("calculator", "{&quot;expression&quot;: &quot;12*7&quot;}", "84") + "The result is 84."
     message = whole.choices[0].message
     assert without_ids(message.content or "") == expected
-    assert message.reasoning_content == "The user wants a product; use the calculator."  # type: ignore[attr-defined]
+    thought = message.reasoning_content  # type: ignore[attr-defined]
+    assert thought.index("I should calculate.") < thought.index("I have the result.")
     deltas = [chunk.choices[0].delta for chunk in chunks if chunk.choices]
-    reasoning = [delta.reasoning_content for delta in deltas if getattr(delta, "reasoning_content", None)]
-    assert reasoning == ["The user wants a product; ", "use the calculator."]
-    assert deltas.index(next(d for d in deltas if d.content)) > 1  # thinking comes before the answer
+    reasoning = "".join(getattr(delta, "reasoning_content", None) or "" for delta in deltas)
+    assert reasoning == thought
+    first_thought = next(i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None))
+    assert first_thought < next(i for i, d in enumerate(deltas) if d.content)  # thinking comes before the answer
     assert without_ids(streamed_content(chunks)) == expected
+    assert not any(tag in (message.content or "") + streamed_content(chunks) for tag in ("<think>", "</think>"))
     check_stream_shape(chunks)
 
 
@@ -452,17 +440,17 @@ BAD_INPUT: dict[str, tuple[dict[str, Any], int, str | None]] = {  # request, sta
     "audio output": ({"json": chat_body(modalities=["text", "audio"])}, 400, "modalities"),
     "an image": ({"json": chat_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}])}, 400, "messages[0].content"),
-    "last message from the assistant": ({"json": chat_body(messages=[{"role": "assistant", "content": "hi"}])}, 400,
+    "last message from the assistant": ({"json": chat_body(messages=[{"role": "assistant", "content": "hi"}])}, 422,
                                         "messages"),
-    "empty last message": ({"json": chat_body(messages=[{"role": "user", "content": "  "}])}, 400, "messages"),
-    "NUL": ({"json": chat_body(messages=[{"role": "user", "content": "a\x00b"}])}, 400, "messages[0].content"),
-    "no messages": ({"json": chat_body(messages=[])}, 400, None),
-    "unknown role": ({"json": chat_body(messages=[{"role": "robot", "content": "hi"}])}, 400, None),
-    "no model": ({"json": {"messages": [{"role": "user", "content": "hello"}]}}, 400, None),
-    "temperature out of range": ({"json": chat_body(temperature=5)}, 400, None),
-    "malformed JSON": ({"content": b'{"model": ', "headers": {"Content-Type": "application/json"}}, 400, None),
+    "empty last message": ({"json": chat_body(messages=[{"role": "user", "content": "  "}])}, 422, "messages"),
+    "NUL": ({"json": chat_body(messages=[{"role": "user", "content": "a\x00b"}])}, 422, "messages[0].content"),
+    "no messages": ({"json": chat_body(messages=[])}, 422, None),
+    "unknown role": ({"json": chat_body(messages=[{"role": "robot", "content": "hi"}])}, 422, None),
+    "no model": ({"json": {"messages": [{"role": "user", "content": "hello"}]}}, 422, None),
+    "temperature out of range": ({"json": chat_body(temperature=5)}, 422, None),
+    "malformed JSON": ({"content": b'{"model": ', "headers": {"Content-Type": "application/json"}}, 422, None),
     "not JSON": ({"content": b"model=vllm-agent", "headers": {"Content-Type": "text/plain"}}, 415, None),
-    "bad conversation id": ({"json": chat_body(), "headers": {"X-Conversation-ID": "../etc"}}, 400,
+    "bad conversation id": ({"json": chat_body(), "headers": {"X-Conversation-ID": "../etc"}}, 422,
                             "X-Conversation-ID"),
     "message too long": ({"json": chat_body(messages=[{"role": "user", "content": "x" * 40_001}])}, 413, None),
     "body too large": ({"json": chat_body(messages=[{"role": "user", "content": "x" * 300_000}])}, 413, None),
