@@ -2334,14 +2334,21 @@ def validation_problem(error: Any) -> str:
     return f"{'.'.join(str(part) for part in error['loc'] if part != 'body') or 'body'}: {error['msg']}"
 
 
+def internal_error(_path: str) -> JSONResponse:
+    """The 500 for an unexpected error: the detail says no more than that."""
+    return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
 class RequestContextMiddleware:
     """Per request: an id (X-Request-ID in and out, and in every log line), an access log line, a cap on API
     body size so a huge upload is refused with 413 before it is read into memory, and the 500 for any
     unexpected error (here, not in an exception handler, so that answer and its log line carry the id too)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int,
+                 internal_error: Callable[[str], JSONResponse] = internal_error) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.internal_error = internal_error  # the 500's body for a path (the OpenAI API has its own shape)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -2372,7 +2379,7 @@ class RequestContextMiddleware:
             logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
             if status is not None:
                 raise
-            await JSONResponse({"detail": "internal error"}, status_code=500)(scope, receive, send_with_id)
+            await self.internal_error(scope["path"])(scope, receive, send_with_id)
         finally:
             access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status or 500,
                                (time.perf_counter() - started) * 1000)
@@ -2912,7 +2919,9 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
                        allow_headers=["Authorization", "Content-Type", "X-Conversation-ID", "X-OpenWebUI-Chat-Id",
                                       "X-OpenWebUI-Task"],
                        expose_headers=["X-Request-ID", "X-Conversation-ID", "Retry-After"])
-    app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536,
+                       internal_error=lambda path: openai_error(500, "internal error")
+                       if path.startswith(OPENAI_PREFIX) else internal_error(path))
     app.add_exception_handler(AgentError, openai_errors_on_v1(agent_error_handler))
     app.add_exception_handler(RequestValidationError, openai_errors_on_v1(validation_error_handler))
     app.add_exception_handler(StarletteHTTPException, openai_errors_on_v1(http_exception_handler))

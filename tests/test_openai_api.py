@@ -488,6 +488,23 @@ async def test_other_routes_and_methods_under_v1_answer_in_openai_shape(serve: C
     assert api_unchanged.status_code == 422 and "detail" in api_unchanged.json()
 
 
+async def test_an_unexpected_error_is_a_500_in_openai_shape_that_is_not_retried(
+    serve: Callable[..., LiveServer], http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with serve() as server:
+        async def broken_turn(*_args: Any, **_options: Any) -> AsyncIterator[Any]:
+            raise RuntimeError("a bug")
+            yield
+
+        monkeypatch.setattr(server.app.state.agent, "run_turn", broken_turn)
+        response = await http.post(f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                   json=chat_body())
+    assert response.status_code == 500
+    assert response.json() == {"error": {"message": "internal error", "type": "server_error", "param": None,
+                                         "code": "internal_error"}}
+    assert response.headers["x-should-retry"] == "false" and response.headers["x-request-id"]
+
+
 async def test_browser_pages_can_read_the_ids_and_retry_after(serve: Callable[..., LiveServer],
                                                               http: httpx.AsyncClient) -> None:
     async with serve() as server:
