@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -553,3 +554,16 @@ async def test_a_server_down_at_startup_leaves_the_service_up_and_degraded(
     assert (health["status"], health["vllm"]["reachable"], health["mcp"]["gone"]["tools"]) == ("degraded", True, 0)
     assert health["mcp"]["gone"]["state"] != "connected"
     assert answer.status_code == 200
+
+
+def test_the_service_does_not_start_with_a_bad_config_file(tmp_path: Path) -> None:
+    """`uvicorn agent_app:app` with MCP_SERVERS naming a bad file exits, and its output names server and field."""
+    config = tmp_path / "mcp_servers.json"
+    config.write_text('{"mcpServers": {"files": {"command": "x", "comand": "y"}}}')
+    env = {**os.environ, "MCP_SERVERS": str(config), "VLLM_BASE_URL": "http://127.0.0.1:9",
+           "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'conversations.db'}"}
+    started = subprocess.run([sys.executable, "-m", "uvicorn", "agent_app:app", "--port", str(free_port())],
+                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode != 0
+    assert f"MCP_SERVERS file {str(config)!r}: server 'files', field 'comand': Extra inputs are not permitted" in (
+        started.stdout + started.stderr)
