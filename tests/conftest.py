@@ -1,6 +1,8 @@
-"""Shared fixtures: settings without .env, the fake vLLM on loopback, and the real app served by uvicorn."""
+"""Shared fixtures and helpers: settings without .env, the fake vLLM on loopback, the real app served by uvicorn,
+Hermes tool-call text for scripted replies, and reading an SSE turn."""
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -74,3 +76,27 @@ def live_server(make_settings: SettingsFactory) -> Callable[..., LiveServer]:
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30) as client:
         yield client
+
+
+def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+async def read_events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    """Parse an SSE body into (event name, data) pairs, checking that every data `type` equals its name."""
+    events, name = [], None
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+            assert data["type"] == name
+            events.append((name, data))
+    return events
+
+
+async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    async with http.stream("POST", f"{url}/api/v1/chat/stream", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        return await read_events(response)

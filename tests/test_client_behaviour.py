@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stream_chat, tool_call_text
 from fake_vllm import FakeVLLM, Reply
-from test_e2e import stream_chat, tool_call_text
 from test_memory_e2e import chat, stored, wait_until_free
 
 from agent_app import YOUNG_GC_THRESHOLD

@@ -6,34 +6,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stream_chat, tool_call_text
 from fake_vllm import FakeVLLM, Reply
 
 QUESTION = "what is 12*7, and what time is it in Seoul?"
 SEOUL_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+09:00 \(\w+, Asia/Seoul\)$")
-
-
-def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
-    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
-
-
-async def read_events(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
-    """Parse an SSE body into (event name, data) pairs, checking that every data `type` equals its name."""
-    events, name = [], None
-    async for line in response.aiter_lines():
-        if line.startswith("event: "):
-            name = line[7:]
-        elif line.startswith("data: "):
-            data = json.loads(line[6:])
-            assert data["type"] == name
-            events.append((name, data))
-    return events
-
-
-async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    async with http.stream("POST", f"{url}/api/v1/chat/stream", json=body) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        return await read_events(response)
 
 
 def check_seoul_answer(body: dict[str, Any]) -> None:

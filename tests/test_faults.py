@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stream_chat, tool_call_text
 from fake_vllm import FakeVLLM, Reply
-from test_e2e import stream_chat, tool_call_text
 from test_memory_e2e import chat, stored
 
 from agent_app import FINAL_ANSWER_NUDGE, STREAM_CUT

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from conftest import tool_call_text
 from fake_vllm import FakeVLLM
 from mcp import types as mcp_types
 from mcp.client.stdio import get_default_environment
@@ -512,9 +513,6 @@ async def test_shutdown_ends_every_stdio_process_and_removes_the_tools(
             os.kill(pid, 0)
     assert [tool.name for tool in registry.tools] == ["calculator"]
 
-
-def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
-    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 async def test_the_service_runs_a_stdio_tool_an_http_tool_and_a_built_in_in_one_turn(

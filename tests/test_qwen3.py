@@ -11,9 +11,8 @@ from typing import Any
 import gradio as gr
 import httpx
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, stream_chat
 from fake_vllm import FakeVLLM, Reply
-from test_e2e import stream_chat
 
 from ui import CUT_NOTE, CUT_THOUGHT_NOTE, ChatUI
 

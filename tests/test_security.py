@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import stream_chat, tool_call_text
 from fake_vllm import FakeVLLM, Reply
-from test_e2e import stream_chat, tool_call_text
 
 import agent_app
 from agent_app import JsonLogFormatter

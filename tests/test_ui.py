@@ -1,7 +1,6 @@
 """The Gradio page's handlers without a browser: what the chat shows, event by event, against the fake vLLM."""
 
 import asyncio
-import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -10,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 import pytest
+from conftest import tool_call_text
 from fake_vllm import FakeVLLM, Reply, tokenize
 
 from agent_app import DoneEvent, ErrorEvent, ReasoningEvent, TokenEvent, ToolCallEvent, ToolResultEvent, create_app
@@ -45,9 +45,6 @@ def answer(text: str) -> gr.ChatMessage:
 def thinking(text: str, *, done: bool) -> gr.ChatMessage:
     return gr.ChatMessage(content=text, metadata={"title": "Thinking", "status": "done" if done else "pending"})
 
-
-def tool_call_text(name: str, arguments: dict[str, Any]) -> str:
-    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
 def growing(prefix: list[gr.ChatMessage], text: str) -> list[list[gr.ChatMessage]]:
