@@ -4,7 +4,6 @@ import asyncio
 import os
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -241,13 +240,10 @@ async def test_a_closed_sqlite_store_refuses_writes_instead_of_hanging(tmp_path:
 
 
 async def test_a_request_gone_while_its_lease_is_taken_leaves_the_conversation_free(tmp_path: Path) -> None:
+    """The request is cancelled at each of open_turn's steps while the writer is held, so the lease is still
+    queued (or not yet) when it goes away; once the writer runs, the conversation is free every time."""
     async with ConversationStore.open(f"sqlite+aiosqlite:///{tmp_path / 'store.db'}", lease_s=60.0) as store:
         conversation_id = await new_conversation(store)
-        writer_busy = asyncio.ensure_future(store._write_op(lambda _conn: time.sleep(0.2)))
-        opening = asyncio.ensure_future(store.open_turn(conversation_id))
-        await asyncio.sleep(0.05)  # the lease is queued behind the busy writer when its request goes away
-        opening.cancel()
-        await writer_busy
 
         async def open_when_free() -> OpenTurn:
             while True:
@@ -256,8 +252,18 @@ async def test_a_request_gone_while_its_lease_is_taken_leaves_the_conversation_f
                 except ConversationBusy:
                     await asyncio.sleep(0.01)
 
-        turn = await asyncio.wait_for(open_when_free(), timeout=2)
-        assert opening.cancelled() and turn.lease is not None
+        for steps in range(6):
+            gate = threading.Event()
+            writer_held = asyncio.ensure_future(store._write_op(lambda _conn, gate=gate: gate.wait(10)))
+            opening = asyncio.ensure_future(store.open_turn(conversation_id))
+            for _ in range(steps):
+                await asyncio.sleep(0)  # one more step of the event loop before the request goes away
+            opening.cancel()
+            gate.set()
+            await writer_held
+            turn = await asyncio.wait_for(open_when_free(), timeout=2)
+            assert opening.cancelled() and turn.lease is not None
+            await store.close_turn(turn)
 
 
 async def test_conversations_are_listed_newest_first_page_by_page(store: ConversationStore) -> None:
