@@ -30,10 +30,13 @@ async def read_events(response: httpx.Response) -> list[tuple[str, dict[str, Any
 
 
 async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The turn's events after the `run` event that starts every stream."""
     async with http.stream("POST", f"{url}/api/v1/chat/stream", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        return await read_events(response)
+        events = await read_events(response)
+    assert events[0][0] == "run" and events[0][1]["run_id"] == response.headers["x-run-id"]
+    return events[1:]
 
 
 def check_seoul_answer(body: dict[str, Any]) -> None:
