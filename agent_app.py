@@ -5,7 +5,7 @@
   3. Schemas      request/response bodies, stream events, FunctionCall (one tool call, wire to history)
   4. Parsing      pure functions: model text -> thinking, answer and calls (Hermes JSON, Qwen3 XML); arguments
   5. vLLM client  VLLMClient: one POST, retried; transport errors translated here; one marked hot path
-  6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns
+  6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns and runs' events
   7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes;
                   Run and RunRegistry: a streamed turn owned by the service, its events logged for resume
   8. App          create_app(), lifespan, auth, request context, routes and SSE framing
@@ -2320,8 +2320,10 @@ class Run:
         self._added = asyncio.Event()  # set, and replaced, at each event
         self._ending: RunStatus = "cancelled"  # what a cancelled task means: "interrupted" at shutdown
         self._add(RunEvent(run_id=self.id, conversation_id=self.conversation_id))
-        self._task = asyncio.create_task(self._drive(registry.agent.run_turn(turn, content, stream=True,
-                                                                             options=options)))
+        self._task = asyncio.create_task(registry.agent.relay(
+            registry.agent.run_turn(turn, content, stream=True, options=options), self._put))
+        self._task.add_done_callback(self._drove)
+        self._released: asyncio.Future[None] | None = None
         self.logged = asyncio.create_task(self._log())
 
     @property
@@ -2366,24 +2368,23 @@ class Run:
     async def _put(self, event: StreamEvent) -> None:
         self._add(event)
 
-    async def _drive(self, events: AsyncIterator[StreamEvent]) -> None:
-        agent = self._registry.agent
-        try:
-            await agent.relay(events, self._put)
-        except asyncio.CancelledError:
-            if self.status == "running":
-                error = (RunCancelled(f"run {self.id} was cancelled; the turn was not stored")
-                         if self._ending == "cancelled" else
-                         RunInterrupted(f"run {self.id} was interrupted: the service stopped; the turn was not stored"))
-                self._add(error_event(error), self._ending)
-            await agent.store.close_turn(self.turn)  # a turn cancelled before it started holds the lease still
+    def _drove(self, _task: asyncio.Task[None]) -> None:
+        """A cancelled run's last event, here rather than in the task: one cancelled before it started runs none
+        of its code, and still holds the conversation's lease (giving back a lease twice changes nothing)."""
+        if self.status == "running":
+            error = (RunCancelled(f"run {self.id} was cancelled; the turn was not stored")
+                     if self._ending == "cancelled" else
+                     RunInterrupted(f"run {self.id} was interrupted: the service stopped; the turn was not stored"))
+            self._add(error_event(error), self._ending)
+            self._released = asyncio.ensure_future(self._registry.store.close_turn(self.turn))
 
     async def _log(self) -> None:
-        """Write the events to the database: those that came while the last write ran, at most one write each
+        """Write the events to the database: those that came since the last write, at most one write each
         RUN_FLUSH_S; the row goes with the first write, its end with the last. Then the run leaves the registry,
         and its followers from then on read the database."""
         written = 0
         while True:
+            await asyncio.sleep(RUN_FLUSH_S)  # first too: a short run takes one write
             ended, count = self.status != "running", len(self.events)
             rows = [{"run_id": self.id, "seq": seq, "type": kind, "data": data}
                     for seq, (kind, data) in enumerate(self.events[written:count], written + 1)]
@@ -2399,7 +2400,6 @@ class Run:
                 break
             if written == len(self.events):
                 await self._added.wait()
-            await asyncio.sleep(RUN_FLUSH_S)
         del self._registry.runs[self.id]
 
     def _row(self, first: bool) -> dict[str, Any]:
@@ -2477,10 +2477,13 @@ class RunRegistry:
         its last event: a client that saw events the log never got (their process died) still hears the end."""
         began, seen, quiet = time.monotonic(), False, 0.0
         while True:
-            running = (await self.store.run_info(run_id)).status == "running"  # before the events: if it had
-            events = await self.store.run_events(run_id, after)  # ended, they are all there
-            if not running and not events and not seen and after > (last := await self.store.last_event_id(run_id)):
-                events = await self.store.run_events(run_id, last - 1)
+            status = (await self.store.run_info(run_id)).status  # before the events: if it had ended, they are
+            events = await self.store.run_events(run_id, after)  # all there
+            running = status == "running"
+            if not running and not events and not seen:
+                last = await self.store.last_event_id(run_id)
+                if after > last or (after == last and status == "interrupted"):  # its log may have lost a tail
+                    events = await self.store.run_events(run_id, last - 1)
             for event in events:
                 yield event
             if not running:
@@ -2682,8 +2685,11 @@ async def list_conversations(
 
 
 @router.get("/conversations/{conversation_id}", summary="One conversation with its messages in order")
-async def get_conversation(conversation_id: ConversationId, agent: AgentDep) -> ConversationDetail:
-    return await agent.store.get_conversation(conversation_id)
+async def get_conversation(conversation_id: ConversationId, agent: AgentDep, runs: RunsDep) -> ConversationDetail:
+    """With the id of its run in progress: this worker's, which may not be in the database yet, or another's."""
+    detail = await agent.store.get_conversation(conversation_id)
+    run = runs.running(conversation_id)
+    return detail if run is None else detail.model_copy(update={"run_id": run.id})
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")

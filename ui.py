@@ -337,8 +337,7 @@ class ChatUI:
         says how vLLM is now. (ChatInterface locks and unlocks the input, and blanks its placeholder.)"""
         header = gr.skip() if running else await self.header()
         placeholder = BUSY_PLACEHOLDER if running else PLACEHOLDER
-        return (gr.Button(visible=running), gr.Button(visible=not running), header,
-                gr.Textbox(placeholder=placeholder, interactive=not running))
+        return gr.Button(visible=running), gr.Button(visible=not running), header, gr.Textbox(placeholder=placeholder)
 
     async def explain(self, error: "ErrorEvent") -> str:
         """The error's detail, or how to start vLLM when that is why the turn failed."""

@@ -38,7 +38,9 @@ class LiveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        # A browser may hold a streaming connection open after its page closed: at exit, wait 5 s for it, not for ever.
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                     timeout_graceful_shutdown=5))
         self._task: asyncio.Task[None] | None = None
         self.url = ""
 

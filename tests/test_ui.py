@@ -451,9 +451,9 @@ async def test_stop_takes_new_conversations_place_while_a_turn_runs(ui: ChatUI, 
     header = header_html("Qwen/Qwen2.5-7B-Instruct", fake_vllm.url, True,
                          [(tool.name, tool.source) for tool in ui.agent.registry.tools])
     assert [getattr(update, "constructor_args", update) for update in running] == [
-        {"visible": True}, {"visible": False}, gr.skip(), {"placeholder": BUSY_PLACEHOLDER, "interactive": False}]
+        {"visible": True}, {"visible": False}, gr.skip(), {"placeholder": BUSY_PLACEHOLDER}]
     assert [getattr(update, "constructor_args", update) for update in over] == [
-        {"visible": False}, {"visible": True}, header, {"placeholder": PLACEHOLDER, "interactive": True}]
+        {"visible": False}, {"visible": True}, header, {"placeholder": PLACEHOLDER}]
 
 
 async def test_restore_rebuilds_the_chat_a_reload_shows(ui: ChatUI) -> None:
