@@ -5,18 +5,21 @@
   3. Schemas      request/response bodies, stream events, FunctionCall (one tool call, wire to history)
   4. Parsing      pure functions: model text -> thinking, answer and calls (Hermes JSON, Qwen3 XML); arguments
   5. vLLM client  VLLMClient: one POST, retried; transport errors translated here; one marked hot path
-  6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns
-  7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes
-  8. API          auth, request context, error handlers, the /api/v1 routes and SSE framing
+  6. Memory       ConversationStore: Core tables, leases, one transaction per batch of finished turns and of
+                  runs' events
+  7. Agent        Agent.run_turn(): the loop, an async generator of events that every route consumes;
+                  Run and RunRegistry: a streamed turn owned by the service, its events logged for resume
+  8. API          auth, request context, error handlers, the /api/v1 routes (runs included) and SSE framing
   9. OpenAI API   /v1/models and /v1/chat/completions: the agent as a model for OpenAI clients and chat UIs
-  10. App         create_app(): the lifespan (store, vLLM client, MCP servers), middleware, routers, the page
+  10. App         create_app(): the lifespan (store, vLLM client, MCP servers, runs), middleware, routers, the page
 
   AgentError 500
-  ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, ConversationBusy 409,
-  │   │                ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422
+  ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, RunNotFound 404, ConversationBusy 409,
+  │   │                RunFinished 409, ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422,
+  │   │                RunCancelled 499
   │   └── (section 9) ModelNotFound 404, InvalidChatRequest 422 ── UnsupportedRequest 400
   ├── LLMError 502 ── LLMTimeout 504 ── TurnTimeout 504
-  ├── VLLMBusy 503 (Retry-After) · StoreUnavailable 503 (Retry-After)
+  ├── VLLMBusy 503 (Retry-After) · StoreUnavailable 503 (Retry-After) · RunInterrupted 503
   └── ToolExecutionError 500
 """
 
@@ -34,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 import httpx
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from fastapi import Path as FastAPIPath
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -60,9 +63,9 @@ from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
-from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy.sql import and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.sql import text as sql_text
-from sqlalchemy.types import JSON, Float, Integer, String, Text
+from sqlalchemy.types import JSON, Boolean, Float, Integer, String, Text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -119,6 +122,7 @@ class Settings(BaseSettings):
     agent_tool_display: Literal["details", "markdown", "none"] = "details"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mcp_servers: Path | None = None
+    run_retention_s: float = Field(default=3600.0, ge=0)
 
     @field_validator("vllm_base_url")
     @classmethod
@@ -192,6 +196,21 @@ class ConversationBusy(ClientError):
     status_code = 409
 
 
+class RunNotFound(ClientError):
+    """The run id is unknown, or its events were removed RUN_RETENTION_S after it ended."""
+    status_code = 404
+
+
+class RunFinished(ClientError):
+    """A cancel came for a run that has already ended; nothing changed."""
+    status_code = 409
+
+
+class RunCancelled(ClientError):
+    """The run was cancelled on request (the last event of its stream); 499 as nginx's "client closed request"."""
+    status_code = 499
+
+
 class ContentTooLarge(ClientError):
     """The user message is longer than MAX_CONTENT_CHARS."""
     status_code = 413
@@ -236,6 +255,11 @@ class StoreUnavailable(AgentError):
     headers = {"Retry-After": "5"}  # noqa: RUF012 - constant header of every such 503
 
 
+class RunInterrupted(AgentError):
+    """The process that ran the run died (crash, kill -9, deploy) before it ended; the turn was not stored."""
+    status_code = 503
+
+
 class ToolExecutionError(AgentError):
     """A tool failed in a way that cannot be handed back to the model."""
     status_code = 500
@@ -259,6 +283,9 @@ class ChatRequest(BaseModel):
     )
     thinking: bool | None = Field(default=None, description="Let a thinking model think first (true) or not "
                                   "(false) in this turn; null follows the service's THINKING setting.")
+    on_disconnect: Literal["cancel", "continue"] = Field(
+        default="cancel", description="/chat/stream only: what a dropped connection does to the run: cancel it "
+        "(nothing stored), or let it run to its end (stored as usual; resume with /runs/{run_id}/events).")
 
     @field_validator("content")
     @classmethod
@@ -345,6 +372,29 @@ class ErrorEvent(BaseModel):
 
 
 StreamEvent = ReasoningEvent | TokenEvent | ToolCallEvent | ToolResultEvent | DoneEvent | ErrorEvent
+RunStatus = Literal["running", "completed", "failed", "cancelled", "interrupted"]
+
+
+class RunEvent(BaseModel):
+    """The first event of a run's stream: where to resume it (/api/v1/runs/{run_id}/events)."""
+    type: Literal["run"] = "run"
+    run_id: str
+    conversation_id: str
+
+
+RUN_STREAM_EVENT: TypeAdapter["RunEvent | StreamEvent"] = TypeAdapter(
+    Annotated[RunEvent | StreamEvent, Field(discriminator="type")])  # a logged event's JSON back into its model
+
+
+class RunInfo(BaseModel):
+    """A run: one streamed turn, owned by the service; times are Unix seconds; `done` or `error` once it ended."""
+    id: str
+    conversation_id: str
+    status: RunStatus
+    created_at: float
+    finished_at: float | None = None
+    done: ChatResponse | None = None
+    error: ErrorEvent | None = None
 
 
 class ConversationSummary(BaseModel):
@@ -369,8 +419,9 @@ class StoredMessage(BaseModel):
 
 
 class ConversationDetail(ConversationSummary):
-    """A conversation with its messages in order."""
+    """A conversation with its messages in order, and the id of its run in progress, if one is."""
     messages: list[StoredMessage]
+    run_id: str | None = None
 
 
 class ConversationPage(BaseModel):
@@ -1372,6 +1423,30 @@ MESSAGES = Table(
     Column("usage", JSON),
     Column("created_at", Float, nullable=False),
 )
+RUNS = Table(
+    "runs",
+    METADATA,
+    Column("id", String(64), primary_key=True),
+    Column("conversation_id", String(64), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("owner", String(32), nullable=False),  # the registry (one a process) that runs it
+    Column("heartbeat_at", Float, nullable=False),
+    Column("lease", String(32)),  # the conversation's, freed when the run is found interrupted
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Column("result", Text),  # the final event's JSON: `done` or `error`
+    Index("ix_runs_status", "status", "heartbeat_at"),
+    Index("ix_runs_conversation", "conversation_id", "status"),
+)
+RUN_EVENTS = Table(
+    "run_events",
+    METADATA,
+    Column("run_id", String(64), ForeignKey("runs.id"), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("type", String(16), nullable=False),
+    Column("data", Text, nullable=False),
+)
 TITLE_CHARS = 80
 # One connection per engine: SQLite has one writer at a time, so its writes queue in the service (on the
 # writer thread) rather than in SQLite's busy handler; reads go through the async engine in parallel (WAL).
@@ -1394,6 +1469,10 @@ LOAD_SUMMARY = select(*SUMMARY_COLUMNS).where(CONVERSATIONS.c.id == bindparam("b
 LOAD_MESSAGES = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id")).order_by(MESSAGES.c.position)
 DELETE_MESSAGES = delete(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id"))
 DELETE_CONVERSATION = delete(CONVERSATIONS).where(CONVERSATIONS.c.id == bindparam("b_id"))
+RUN_IS = RUNS.c.id == bindparam("b_id")
+RUN_EVENTS_AFTER = (select(RUN_EVENTS.c.seq, RUN_EVENTS.c.type, RUN_EVENTS.c.data)
+                    .where(RUN_EVENTS.c.run_id == bindparam("b_id"), RUN_EVENTS.c.seq > bindparam("b_after"))
+                    .order_by(RUN_EVENTS.c.seq))
 
 
 @dataclass(frozen=True)
@@ -1413,16 +1492,31 @@ class OpenTurn:
 
 
 @dataclass(eq=False)  # compared by identity: the writer looks writes up in its lists
-class PendingWrite:
-    """A finished turn to store, or (without messages) a lease to release, waiting for the store's writer."""
-    turn: OpenTurn
-    messages: list[dict[str, Any]] | None
-    usages: list[Usage | None]
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+class QueuedWrite:
+    """Work for the store's writer, done in its next transaction; `done` tells the caller how it went."""
+    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future(),
+                                       kw_only=True)
 
     def fail(self, exc: Exception) -> None:
         if not self.done.done():
             self.done.set_exception(exc)
+
+
+@dataclass(eq=False)
+class PendingWrite(QueuedWrite):
+    """A finished turn to store, or (without messages) a lease to release."""
+    turn: OpenTurn
+    messages: list[dict[str, Any]] | None
+    usages: list[Usage | None]
+
+
+@dataclass(eq=False)
+class RunWrite(QueuedWrite):
+    """A run's events since its last write, with its row: all of it on the first write, its end on the last."""
+    run_id: str
+    events: list[dict[str, Any]]
+    row: dict[str, Any] | None
+    first: bool
 
 
 def new_conversation_id() -> str:
@@ -1459,14 +1553,22 @@ def message_rows(turn: OpenTurn, messages: list[dict[str, Any]], usages: list[Us
     ]
 
 
-def write_batch(conn: Connection, writes: list[PendingWrite], now: float) -> list[PendingWrite]:
-    """Store turns and release leases, in queue order, in the caller's transaction.
+def write_batch(conn: Connection, writes: list[QueuedWrite], now: float) -> list[QueuedWrite]:
+    """Store turns, release leases and log runs' events, in queue order, in the caller's transaction.
 
     Returns the turns not stored because their lease was lost (expired and taken over, or the conversation
     was deleted). Releasing a lease that is already gone changes nothing.
     """
-    lost, conversations, rows = [], [], []
+    lost, conversations, rows, events = [], [], [], []
     for write in writes:
+        if isinstance(write, RunWrite):
+            if write.first:
+                conn.execute(insert(RUNS), write.row)
+            elif write.row:
+                conn.execute(update(RUNS).where(RUNS.c.id == write.run_id), write.row)
+            events += write.events
+            continue
+        assert isinstance(write, PendingWrite)
         turn = write.turn
         ids = {"b_id": turn.conversation_id, "b_lease": turn.lease}
         if write.messages is None:
@@ -1484,7 +1586,53 @@ def write_batch(conn: Connection, writes: list[PendingWrite], now: float) -> lis
         conn.execute(insert(CONVERSATIONS), conversations)
     if rows:
         conn.execute(insert(MESSAGES), rows)
+    if events:
+        conn.execute(insert(RUN_EVENTS), events)
     return lost
+
+
+def beat_runs(conn: Connection, owner: str, now: float) -> list[str]:
+    """Mark the owner's running runs alive; return those that another worker was asked to cancel."""
+    mine = and_(RUNS.c.owner == owner, RUNS.c.status == "running")
+    conn.execute(update(RUNS).where(mine).values(heartbeat_at=now))
+    return list(conn.scalars(select(RUNS.c.id).where(mine, RUNS.c.cancel_requested)))
+
+
+def sweep_runs(conn: Connection, stale_before: float, expired_before: float, now: float) -> None:
+    """Runs whose process stopped beating become interrupted, with a last error event and their lease freed; runs
+    that ended before `expired_before` are removed with their events."""
+    stale = conn.execute(select(RUNS.c.id, RUNS.c.conversation_id, RUNS.c.lease)
+                         .where(RUNS.c.status == "running", RUNS.c.heartbeat_at < stale_before)).all()
+    for run in stale:
+        data = ErrorEvent(status=RunInterrupted.status_code, detail=f"run {run.id} was interrupted: the service "
+                          "process running it stopped; the turn was not stored").model_dump_json()
+        ended = conn.execute(update(RUNS).where(RUNS.c.id == run.id, RUNS.c.status == "running")
+                             .values(status="interrupted", finished_at=now, result=data))
+        if ended.rowcount == 1:  # not already ended by another worker's sweep
+            last = conn.scalar(select(func.max(RUN_EVENTS.c.seq)).where(RUN_EVENTS.c.run_id == run.id)) or 0
+            conn.execute(insert(RUN_EVENTS).values(run_id=run.id, seq=last + 1, type="error", data=data))
+            conn.execute(RELEASE_LEASE, {"b_id": run.conversation_id, "b_lease": run.lease})
+    conn.execute(delete(RUN_EVENTS).where(RUN_EVENTS.c.run_id.in_(
+        select(RUNS.c.id).where(RUNS.c.finished_at < expired_before))))
+    conn.execute(delete(RUNS).where(RUNS.c.finished_at < expired_before))
+
+
+def request_cancel(conn: Connection, run_id: str) -> None:
+    """Ask the run's owner to cancel it (it looks each RUN_POLL_S); 404 for an unknown run, 409 for one that ended."""
+    if conn.execute(update(RUNS).where(RUN_IS, RUNS.c.status == "running").values(cancel_requested=True),
+                    {"b_id": run_id}).rowcount != 1:
+        status = conn.scalar(select(RUNS.c.status).where(RUN_IS), {"b_id": run_id})
+        if status is None:
+            raise RunNotFound(f"run {run_id!r} not found")
+        raise RunFinished(f"run {run_id!r} has already ended ({status}); there is nothing to cancel")
+
+
+def run_info(run: Any) -> RunInfo:
+    """A run as the API shows it, from its row or its Run; `result` is the JSON of its last event, once it ended."""
+    final = json.loads(run.result) if run.result else {}
+    return RunInfo(id=run.id, conversation_id=run.conversation_id, status=run.status, created_at=run.created_at,
+                   finished_at=run.finished_at, done=final if final.get("type") == "done" else None,
+                   error=final if final.get("type") == "error" else None)
 
 
 def take_lease(conn: Connection, conversation_id: str, lease: str, now: float, expires: float) -> list[dict[str, Any]]:
@@ -1565,7 +1713,7 @@ class ConversationStore:
             sqlalchemy_event.listen(self._sqlite, "connect", set_sqlite_pragmas)
             self._sqlite_thread = ThreadPoolExecutor(1, "sqlite-writer")
         self.kind: Literal["SQLite", "PostgreSQL"] = "SQLite" if sqlite else "PostgreSQL"
-        self._queue: list[PendingWrite] = []
+        self._queue: list[QueuedWrite] = []
         self._writer: asyncio.Task[None] | None = None
 
     @property
@@ -1624,7 +1772,37 @@ class ConversationStore:
         if not turn.is_new:
             await asyncio.shield(self._queue_write(PendingWrite(turn, None, [])))
 
-    def _queue_write(self, write: PendingWrite) -> asyncio.Future[None]:
+    async def log_run(self, write: RunWrite) -> None:
+        """Log a run's events (and its row) with the next group commit."""
+        await asyncio.shield(self._queue_write(write))
+
+    async def beat_runs(self, owner: str) -> list[str]:
+        return await self._write_op(beat_runs, owner, time.time())
+
+    async def sweep_runs(self, stale_s: float, retention_s: float) -> None:
+        now = time.time()
+        await self._write_op(sweep_runs, now - stale_s, now - retention_s, now)
+
+    async def request_cancel(self, run_id: str) -> None:
+        await self._write_op(request_cancel, run_id)
+
+    async def run_info(self, run_id: str) -> RunInfo:
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(RUNS).where(RUN_IS), {"b_id": run_id})).first()
+        if row is None:
+            raise RunNotFound(f"run {run_id!r} not found")
+        return run_info(row)
+
+    async def run_events(self, run_id: str, after: int) -> list[tuple[int, str, str]]:
+        """A run's logged events after id `after`: (id, type, JSON), in order."""
+        async with self._engine.connect() as conn:
+            return [tuple(row) for row in await conn.execute(RUN_EVENTS_AFTER, {"b_id": run_id, "b_after": after})]
+
+    async def last_event_id(self, run_id: str) -> int:
+        async with self._engine.connect() as conn:
+            return await conn.scalar(select(func.max(RUN_EVENTS.c.seq)).where(RUN_EVENTS.c.run_id == run_id)) or 0
+
+    def _queue_write(self, write: QueuedWrite) -> asyncio.Future[None]:
         self._queue.append(write)
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_queued())
@@ -1646,7 +1824,7 @@ class ConversationStore:
                     except Exception as single_exc:
                         write.fail(single_exc)
 
-    async def _write(self, batch: list[PendingWrite]) -> None:
+    async def _write(self, batch: list[QueuedWrite]) -> None:
         lost = await self._write_op(write_batch, batch, time.time())
         for write in batch:
             if write in lost:
@@ -1666,8 +1844,11 @@ class ConversationStore:
         async with self._connect() as conn:
             summary = await self._summary(conn, conversation_id)
             rows = (await conn.execute(LOAD_MESSAGES, {"b_id": conversation_id})).all()
+            run_id = await conn.scalar(select(RUNS.c.id).where(RUNS.c.conversation_id == conversation_id,
+                                                               RUNS.c.status == "running")
+                                       .order_by(RUNS.c.created_at.desc()).limit(1))
         messages = [StoredMessage.model_validate(row, from_attributes=True) for row in rows]
-        return ConversationDetail(**summary.model_dump(), messages=messages)
+        return ConversationDetail(**summary.model_dump(), messages=messages, run_id=run_id)
 
     async def list_conversations(self, limit: int, cursor: str | None) -> ConversationPage:
         """Newest first; `cursor` continues after the last conversation of the previous page."""
@@ -2160,6 +2341,229 @@ class Agent:
         return index, result
 
 
+RUN_FLUSH_S = 0.1  # a run's events reach the database in batches, at most one write per run this often
+RUN_POLL_S = 0.5  # heartbeats and cancel requests; followers of another worker's run read the database this often
+RUN_LOG_LAG_S = 2.0  # the most the database's log of a running run is behind it, with time to spare
+RUN_STALE_S = 10.0  # a running run whose heartbeat is older than this lost its process
+RUN_SWEEP_S = 5.0  # how often each process looks for such runs, and for ended runs past RUN_RETENTION_S
+LoggedEvent = tuple[int, str, str]  # one event of a run: its id (1, 2, ... in the run), type and JSON
+
+
+class Run:
+    """One streamed turn owned by the service, not by a connection: it runs in a task of its own to its end (or
+    until cancelled) and keeps its events, with ids 1..n, for any number of followers: in memory while it runs
+    here, and in the database, in batches, for followers on other workers and for RUN_RETENTION_S after its end.
+    """
+
+    def __init__(self, registry: "RunRegistry", turn: OpenTurn, content: str, options: TurnOptions) -> None:
+        self.id = secrets.token_hex(16)  # 128 random bits: the only way to another conversation's run
+        self.conversation_id = turn.conversation_id
+        self.turn = turn
+        self.content = content
+        self.status: RunStatus = "running"
+        self.created_at = time.time()
+        self.finished_at: float | None = None
+        self.events: list[tuple[str, str]] = []
+        self._registry = registry
+        self._added = asyncio.Event()  # set, and replaced, at each event
+        self._ending: RunStatus = "cancelled"  # what a cancelled task means: "interrupted" at shutdown
+        self._add(RunEvent(run_id=self.id, conversation_id=self.conversation_id))
+        self._task = asyncio.create_task(registry.agent.relay(
+            registry.agent.run_turn(turn, content, stream=True, options=options), self._put))
+        self._task.add_done_callback(self._drove)
+        self._released: asyncio.Future[None] | None = None
+        self.logged = asyncio.create_task(self._log())
+
+    @property
+    def result(self) -> str | None:
+        return None if self.status == "running" else self.events[-1][1]
+
+    def cancel(self, ending: RunStatus = "cancelled") -> None:
+        """Cancel the turn: its vLLM request closes, its tools are cancelled, it is not stored, and its last event
+        is an `error` that says why."""
+        if self.status != "running":
+            raise RunFinished(f"run {self.id!r} has already ended ({self.status}); there is nothing to cancel")
+        self._ending = ending
+        self._task.cancel()
+
+    async def follow(self, after: int, idle_s: float | None = None) -> AsyncIterator[LoggedEvent | None]:
+        """The events after id `after` (an id past the last: from now on), then each as it comes, to the last one;
+        None after `idle_s` without an event. An id past the end of an ended run gets its last event."""
+        seen = min(after, len(self.events))
+        if after > seen and self.status != "running":
+            seen -= 1
+        while True:
+            while seen < len(self.events):  # never a slice taken earlier: the run may end while this yields
+                seen += 1
+                yield seen, *self.events[seen - 1]
+            if self.status != "running":
+                return
+            added = self._added
+            try:
+                async with asyncio.timeout(idle_s):
+                    await added.wait()
+            except TimeoutError:
+                yield None
+
+    def _add(self, event: RunEvent | StreamEvent, ending: RunStatus | None = None) -> None:
+        self.events.append((event.type, event.model_dump_json()))
+        if event.type in ("done", "error"):
+            self.status = ending or ("completed" if event.type == "done" else "failed")
+            self.finished_at = time.time()
+        self._added.set()
+        self._added = asyncio.Event()
+
+    async def _put(self, event: StreamEvent) -> None:
+        self._add(event)
+
+    def _drove(self, _task: asyncio.Task[None]) -> None:
+        """A cancelled run's last event, here rather than in the task: one cancelled before it started runs none
+        of its code, and still holds the conversation's lease (giving back a lease twice changes nothing)."""
+        if self.status == "running":
+            error = (RunCancelled(f"run {self.id} was cancelled; the turn was not stored")
+                     if self._ending == "cancelled" else
+                     RunInterrupted(f"run {self.id} was interrupted: the service stopped; the turn was not stored"))
+            self._add(error_event(error), self._ending)
+            self._released = asyncio.ensure_future(self._registry.store.close_turn(self.turn))
+
+    async def _log(self) -> None:
+        """Write the events to the database: those that came since the last write, at most one write each
+        RUN_FLUSH_S; the row goes with the first write, its end with the last. Then the run leaves the registry,
+        and its followers from then on read the database."""
+        written = 0
+        while True:
+            await asyncio.sleep(RUN_FLUSH_S)  # first too: a short run takes one write
+            ended, count = self.status != "running", len(self.events)
+            rows = [{"run_id": self.id, "seq": seq, "type": kind, "data": data}
+                    for seq, (kind, data) in enumerate(self.events[written:count], written + 1)]
+            try:
+                await self._registry.store.log_run(RunWrite(self.id, rows, self._row(written == 0) if ended or not
+                                                            written else None, first=written == 0))
+            except Exception as exc:
+                logger.warning("could not log the events of run %s, retrying: %s", self.id, exc)
+                await asyncio.sleep(RUN_POLL_S)
+                continue
+            written = count
+            if ended:
+                break
+            if written == len(self.events):
+                await self._added.wait()
+        del self._registry.runs[self.id]
+
+    def _row(self, first: bool) -> dict[str, Any]:
+        row = {"status": self.status, "finished_at": self.finished_at, "result": self.result}
+        if first:
+            row |= {"id": self.id, "conversation_id": self.conversation_id, "owner": self._registry.owner,
+                    "heartbeat_at": time.time(), "lease": self.turn.lease, "cancel_requested": False,
+                    "created_at": self.created_at}
+        return row
+
+
+class RunRegistry:
+    """This process's runs by id, and the upkeep of the runs table: heartbeats, cancel requests that reached
+    another worker, runs whose process died (interrupted), and the removal of ended runs after RUN_RETENTION_S."""
+
+    def __init__(self, agent: Agent, retention_s: float) -> None:
+        self.agent = agent
+        self.store = agent.store
+        self.owner = secrets.token_hex(8)
+        self.runs: dict[str, Run] = {}
+        self._retention_s = retention_s
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, agent: Agent, retention_s: float) -> AsyncIterator["RunRegistry"]:
+        """Keep the runs table up to date while the service runs; at shutdown, its runs end as interrupted."""
+        registry = cls(agent, retention_s)
+        upkeep = asyncio.create_task(registry._upkeep())
+        try:
+            yield registry
+        finally:
+            upkeep.cancel()
+            runs = list(registry.runs.values())
+            for run in runs:
+                if run.status == "running":
+                    run.cancel("interrupted")
+            if runs:
+                await asyncio.wait([run.logged for run in runs], timeout=5)
+
+    def start(self, turn: OpenTurn, content: str, options: TurnOptions) -> Run:
+        run = Run(self, turn, content, options)
+        self.runs[run.id] = run
+        return run
+
+    def running(self, conversation_id: str) -> Run | None:
+        """This process's run of the conversation, if one is going on."""
+        return next((run for run in self.runs.values()
+                     if run.conversation_id == conversation_id and run.status == "running"), None)
+
+    async def info(self, run_id: str) -> RunInfo:
+        run = self.runs.get(run_id)
+        return run_info(run) if run is not None else await self.store.run_info(run_id)
+
+    async def cancel(self, run_id: str) -> RunInfo:
+        """Cancel here if the run is this process's, else through the database (its owner looks each RUN_POLL_S)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            await self.store.request_cancel(run_id)
+            return await self.store.run_info(run_id)
+        run.cancel()
+        return run_info(run)
+
+    async def follow(self, run_id: str, after: int, idle_s: float | None) -> AsyncIterator[LoggedEvent | None]:
+        """A run's events after id `after`, live to its end: from memory if it runs here, else from the database
+        (404 here, before any event, for an unknown run)."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            return run.follow(after, idle_s)
+        await self.store.run_info(run_id)
+        return self._follow_logged(run_id, after, idle_s)
+
+    async def _follow_logged(self, run_id: str, after: int, idle_s: float | None) -> AsyncIterator[LoggedEvent | None]:
+        """Poll the log. The log lags behind the run, so an id past its end counts as one from the future (then the
+        live tail follows) only once the log had RUN_LOG_LAG_S to catch up. An id past the end of an ended run gets
+        its last event: a client that saw events the log never got (their process died) still hears the end."""
+        began, seen, quiet = time.monotonic(), False, 0.0
+        while True:
+            status = (await self.store.run_info(run_id)).status  # before the events: if it had ended, they are
+            events = await self.store.run_events(run_id, after)  # all there
+            running = status == "running"
+            if not running and not events and not seen:
+                last = await self.store.last_event_id(run_id)
+                if after > last or (after == last and status == "interrupted"):  # its log may have lost a tail
+                    events = await self.store.run_events(run_id, last - 1)
+            for event in events:
+                yield event
+            if not running:
+                return
+            if events:
+                after, seen, quiet = events[-1][0], True, 0.0
+            else:
+                quiet += RUN_POLL_S
+                if not seen and time.monotonic() - began >= RUN_LOG_LAG_S:
+                    after, seen = min(after, await self.store.last_event_id(run_id)), True
+            if idle_s is not None and quiet >= idle_s:
+                quiet = 0.0
+                yield None
+            await asyncio.sleep(RUN_POLL_S)
+
+    async def _upkeep(self) -> None:
+        swept = time.monotonic() - RUN_SWEEP_S
+        while True:
+            await asyncio.sleep(RUN_POLL_S)
+            try:
+                if self.runs:
+                    for run_id in await self.store.beat_runs(self.owner):
+                        run = self.runs.get(run_id)
+                        if run is not None and run.status == "running":
+                            run.cancel()
+                if time.monotonic() - swept >= RUN_SWEEP_S:
+                    swept = time.monotonic()
+                    await self.store.sweep_runs(RUN_STALE_S, self._retention_s)
+            except Exception as exc:
+                logger.warning("run upkeep failed, retrying: %s", exc)
+
+
 # --- 8. API ---
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -2169,12 +2573,14 @@ SSE_PING_S = 15.0
 YOUNG_GC_THRESHOLD = 10_000  # a turn's objects die by reference counting; the young collector found nothing
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
-    "description": "Events `reasoning`, `token`, `tool_call`, `tool_result`, then one `done` or `error`; each "
-                   "`data:` is JSON whose `type` is the event name.",
+    "description": "Events `run`, then `reasoning`, `token`, `tool_call`, `tool_result`, then one `done` or "
+                   "`error`; each `data:` is JSON whose `type` is the event name, each `id:` its number in the "
+                   "run (1, 2, ...): send it back as Last-Event-ID to /runs/{run_id}/events to resume.",
     "content": {"text/event-stream": {"itemSchema": {"oneOf": [
         {key: value for key, value in model.model_json_schema(ref_template="#/components/schemas/{model}").items()
          if key != "$defs"}  # nested models (Usage, ToolCallRecord) are components already
-        for model in (ReasoningEvent, TokenEvent, ToolCallEvent, ToolResultEvent, DoneEvent, ErrorEvent)]}}},
+        for model in (RunEvent, ReasoningEvent, TokenEvent, ToolCallEvent, ToolResultEvent, DoneEvent, ErrorEvent)
+    ]}}},
 }}
 CHAT_RESPONSE_JSON = TypeAdapter(ChatResponse)  # a DoneEvent through it loses `type`, as the API documents
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="-")
@@ -2188,6 +2594,13 @@ async def get_agent(request: Request) -> Agent:
 
 
 AgentDep = Annotated[Agent, Depends(get_agent)]
+
+
+async def get_runs(request: Request) -> RunRegistry:
+    return request.app.state.runs
+
+
+RunsDep = Annotated[RunRegistry, Depends(get_runs)]
 
 
 class APIKeyBearer(HTTPBearer):
@@ -2210,6 +2623,7 @@ class APIKeyBearer(HTTPBearer):
 require_api_key = APIKeyBearer(auto_error=False, scheme_name="HTTPBearer",
                                description="The service's API_KEY, when it is set.")
 ConversationId = Annotated[str, FastAPIPath(pattern=CONVERSATION_ID_PATTERN)]
+RunId = Annotated[str, FastAPIPath(pattern=CONVERSATION_ID_PATTERN)]
 router = APIRouter(prefix="/api/v1", responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
 open_router = APIRouter(prefix="/api/v1")
 
@@ -2225,17 +2639,52 @@ async def chat(body: ChatRequest, agent: AgentDep) -> Response:
 
 
 @router.post("/chat/stream", response_class=StreamingResponse, responses=SSE_RESPONSE,
-             summary="Run one agent turn, streaming events as Server-Sent Events")
-async def chat_stream(body: ChatRequest, agent: AgentDep) -> EventSourceResponse:
+             summary="Run one agent turn as a run, streaming its events as Server-Sent Events")
+async def chat_stream(body: ChatRequest, agent: AgentDep, runs: RunsDep) -> EventSourceResponse:
     turn = await agent.open_turn(body.conversation_id, body.content)
-    return EventSourceResponse(sse_frames(agent, agent.run_turn(
-        turn, body.content, stream=True, options=TurnOptions(thinking=body.thinking)), sse_event),
-                               headers=SSE_HEADERS)
+    run = runs.start(turn, body.content, TurnOptions(thinking=body.thinking))
+    return run_stream(run.follow(0, SSE_PING_S), run.id, cancel=run if body.on_disconnect == "cancel" else None)
 
 
-def sse_event(event: StreamEvent) -> bytes:
-    """An event as /api/v1 streams it: its type as the SSE event name, its JSON as the data."""
-    return format_sse_event(data_str=event.model_dump_json(), event=event.type)
+@router.get("/runs/{run_id}", summary="A run's status, and its `done` payload or error once it ended")
+async def get_run(run_id: RunId, runs: RunsDep) -> RunInfo:
+    return await runs.info(run_id)
+
+
+@router.get("/runs/{run_id}/events", response_class=StreamingResponse, responses=SSE_RESPONSE,
+            summary="Replay a run's events after an id, then follow it live to its end")
+async def follow_run(
+    run_id: RunId, runs: RunsDep,
+    last_event_id: Annotated[str | None, Header(pattern=r"^[0-9]{1,9}$", description="The id of the last event "
+                                                "received; the replay starts after it.")] = None,
+    after: Annotated[int, Query(ge=0, le=999_999_999, description="As Last-Event-ID, which wins if both "
+                                "are sent.")] = 0,
+) -> EventSourceResponse:
+    start = int(last_event_id) if last_event_id is not None else after
+    return run_stream(await runs.follow(run_id, start, SSE_PING_S), run_id)
+
+
+@router.post("/runs/{run_id}/cancel", status_code=202, summary="Cancel a run, on whichever worker it runs")
+async def cancel_run(run_id: RunId, runs: RunsDep) -> RunInfo:
+    """202: the run ends within about a second with one `error` event; 409 if it had already ended."""
+    return await runs.cancel(run_id)
+
+
+def run_stream(events: AsyncIterator[LoggedEvent | None], run_id: str, *, cancel: Run | None = None
+               ) -> EventSourceResponse:
+    return EventSourceResponse(run_frames(events, cancel), headers={**SSE_HEADERS, "X-Run-ID": run_id})
+
+
+async def run_frames(events: AsyncIterator[LoggedEvent | None], cancel: Run | None) -> AsyncIterator[bytes]:
+    """A run's events as SSE frames, each with its id, and a keep-alive comment when one is due; with `cancel`, a
+    client that goes away cancels that run (the default `on_disconnect`)."""
+    try:
+        async for event in events:
+            yield KEEPALIVE_COMMENT if event is None else format_sse_event(
+                data_str=event[2], event=event[1], id=str(event[0]))
+    finally:
+        if cancel is not None and cancel.status == "running":
+            cancel.cancel()
 
 
 async def sse_frames(agent: Agent, events: AsyncIterator[StreamEvent], frame: Callable[[StreamEvent], bytes], *,
@@ -2284,8 +2733,11 @@ async def list_conversations(
 
 
 @router.get("/conversations/{conversation_id}", summary="One conversation with its messages in order")
-async def get_conversation(conversation_id: ConversationId, agent: AgentDep) -> ConversationDetail:
-    return await agent.store.get_conversation(conversation_id)
+async def get_conversation(conversation_id: ConversationId, agent: AgentDep, runs: RunsDep) -> ConversationDetail:
+    """With the id of its run in progress: this worker's, which may not be in the database yet, or another's."""
+    detail = await agent.store.get_conversation(conversation_id)
+    run = runs.running(conversation_id)
+    return detail if run is None else detail.model_copy(update={"run_id": run.id})
 
 
 @router.delete("/conversations/{conversation_id}", status_code=204, summary="Delete a conversation")
@@ -2894,8 +3346,11 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
             ConversationStore.open(settings.database_url, lease_s=settings.turn_timeout_s + 60) as store,
             httpx.AsyncClient(transport=vllm_transport, timeout=vllm_timeout(settings), limits=limits) as http,
             McpServers.start(settings.mcp_servers, REGISTRY) as app.state.mcp_servers,
+            AsyncExitStack() as stack,
         ):
             app.state.agent = Agent(VLLMClient(http, vllm_transport, settings), REGISTRY, store, settings)
+            app.state.runs = await stack.enter_async_context(RunRegistry.open(app.state.agent,
+                                                                              settings.run_retention_s))
             if settings.api_key is None:
                 logger.warning("API_KEY is not set: /api/v1 and /ui are open to anyone who can reach this port")
             # The startup heap (Gradio's mostly) stays out of the collector's scans while the service runs.
@@ -2916,9 +3371,9 @@ def create_app(settings: Settings | None = None, *, transport: httpx.AsyncBaseTr
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                        allow_credentials="*" not in settings.allowed_origins,
                        allow_methods=["GET", "POST", "DELETE"],
-                       allow_headers=["Authorization", "Content-Type", "X-Conversation-ID", "X-OpenWebUI-Chat-Id",
-                                      "X-OpenWebUI-Task"],
-                       expose_headers=["X-Request-ID", "X-Conversation-ID", "Retry-After"])
+                       allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Conversation-ID",
+                                      "X-OpenWebUI-Chat-Id", "X-OpenWebUI-Task"],
+                       expose_headers=["X-Request-ID", "X-Conversation-ID", "X-Run-ID", "Retry-After"])
     app.add_middleware(RequestContextMiddleware, max_body_bytes=6 * settings.max_content_chars + 65_536,
                        internal_error=lambda path: openai_error(500, "internal error")
                        if path.startswith(OPENAI_PREFIX) else internal_error(path))

@@ -8,27 +8,28 @@
 locks the input meanwhile, and keeps the chat it shows as the history it hands `respond`. Stop is the page's
 own button, not ChatInterface's: that one cancels the handler, which can then send nothing more, and no event
 after a cancel is ordered after ChatInterface's own copy of the chat, so a stopped turn's note could vanish at
-the next turn. Here the agent's events come through a task that Stop cancels, which closes the upstream vLLM
-request, and `respond` ends the turn itself: spinners stopped, a note that the turn was not saved. The agent
-writes a turn only when it completes, so the stored conversation is as it was.
+the next turn. Here a turn is a run of the service's (`agent_app.Run`), which `respond` follows: Stop cancels
+the run, which closes the upstream vLLM request, and `respond` ends the turn itself: spinners stopped, a note
+that the turn was not saved. The agent writes a turn only when it completes, so the stored conversation is as
+it was. A tab that goes away (closed, reloaded) leaves its run going: the page's turns `continue`.
 
 One conversation per tab, kept across reloads: the page keeps the tab's conversation id in the browser's
 sessionStorage, which belongs to one tab and survives a reload (localStorage, and so `gr.BrowserState`, is
 shared by every tab of the browser: a second tab would open the first one's conversation, and Gradio's
 BrowserState never writes an empty value, so "New conversation" could not clear it). On load a small JS
 hook hands that id to `ChatUI.restore`, which rebuilds the chat from the store; an unknown id (deleted, or
-another database) starts a fresh conversation. The id goes to `respond` and back as ChatInterface's additional
-input and output, and changes only once a turn has been stored. Outside a turn, the chat changes only through
-ChatInterface's `chatbot_value`, which it keeps in step with the history it hands `respond`.
+another database) starts a fresh conversation; a run of that conversation that is still going is shown to its
+end, as it streams. The id goes to `respond` and back as ChatInterface's additional input and output: the run's
+while it runs (so that a reload reattaches to it), and back to the one before if the turn was not stored.
+Outside a turn, the chat changes only through ChatInterface's `chatbot_value`, which it keeps in step with the
+history it hands `respond`.
 """
 
-import asyncio
 import html
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 if TYPE_CHECKING:
-    from agent_app import Agent, ErrorEvent, Settings, StreamEvent
+    from agent_app import Agent, ErrorEvent, Run, RunEvent, RunRegistry, Settings, StreamEvent
 
 # --- 1. Formatting ---
 
@@ -232,7 +233,6 @@ def mark_stopped(messages: list[gr.ChatMessage]) -> list[gr.ChatMessage]:
 # --- 2. Handlers ---
 
 TurnUpdate = tuple[list[gr.ChatMessage], str, bool]  # the turn's messages, conversation id, whether it runs on
-Relayed = asyncio.Queue["StreamEvent | None"]
 
 
 class ChatUI:
@@ -240,18 +240,24 @@ class ChatUI:
 
     def __init__(self, app: FastAPI) -> None:
         self._app = app
-        self._relays: dict[str, asyncio.Task[None]] = {}  # a running turn's, by Gradio session (one tab)
+        self._runs: dict[str, Run] = {}  # the run a tab shows, by Gradio session (one tab), for Stop
 
     @property
     def agent(self) -> "Agent":
         """Looked up per call: the lifespan creates the agent after the page is built."""
         return self._app.state.agent
 
-    async def run_turn(self, conversation_id: str, content: str, put: Callable[["StreamEvent"], Awaitable[None]],
-                       thinking: bool | None) -> None:
-        """One turn through the agent, each event to `put`, a failure included as the last, `error`, event.
+    @property
+    def runs(self) -> "RunRegistry":
+        return self._app.state.runs
 
-        `thinking` (None: the service's THINKING setting) turns the model's thinking on or off for this turn.
+    async def run_events(self, conversation_id: str, content: str, thinking: bool | None,
+                         tab: str) -> AsyncIterator["RunEvent | StreamEvent"]:
+        """One turn as a run, its events as they come; a turn that cannot start is one `error` event.
+
+        The run belongs to the service, not to the tab: it goes on when the tab goes away or reloads (the page's
+        turns `continue`), and Stop cancels it. `thinking` (None: the service's THINKING setting) turns the
+        model's thinking on or off for this turn.
         """
         import agent_app  # imported here: it imports this module at its top
 
@@ -261,58 +267,70 @@ class ChatUI:
             except agent_app.ConversationNotFound:  # deleted through the API since this tab showed it: start afresh
                 turn = await self.agent.open_turn(None, content)
         except agent_app.AgentError as exc:
-            await put(agent_app.error_event(exc))
+            yield agent_app.error_event(exc)
             return
-        options = agent_app.TurnOptions(thinking=thinking)
-        await self.agent.relay(self.agent.run_turn(turn, content, stream=True, options=options), put)
+        run = self.runs.start(turn, content, agent_app.TurnOptions(thinking=thinking))
+        async for event in self.follow(run, tab):
+            yield event
+
+    async def follow(self, run: "Run", tab: str) -> AsyncIterator["RunEvent | StreamEvent"]:
+        """A run's events from its first, while Stop in this tab would cancel it."""
+        import agent_app  # imported here: it imports this module at its top
+
+        self._runs[tab] = run
+        try:
+            async for logged in run.follow(0):
+                if logged is not None:
+                    yield agent_app.RUN_STREAM_EVENT.validate_json(logged[2])
+        finally:
+            if self._runs.get(tab) is run:  # an example clicked after the trash icon runs a second turn
+                del self._runs[tab]
 
     async def respond(self, message: str, _history: list[Shown], conversation_id: str, thinking: bool,
                       thinking_offered: bool, request: gr.Request) -> AsyncIterator[TurnUpdate]:
-        """ChatInterface's fn: the messages the turn adds, as they grow (the agent has the history in its store).
-
-        With them go the tab's conversation id, which changes once the turn is stored, and whether the turn runs
-        on. A turn cut short by Stop ends here too, so ChatInterface keeps the chat that says so.
-        """
-        view = TurnView()
+        """ChatInterface's fn: the messages the turn adds, as they grow (the agent has the history in its store)."""
         yield [], conversation_id, True
         choice = thinking if thinking_offered else None
-        over = False
-        async with self.relayed(request.session_hash, conversation_id, message, choice) as events:
-            while (event := await events.get()) is not None:
-                view.apply(event)
-                if event.type == "done":
-                    if event.stop_reason == "length":
-                        view.add_note(CUT_NOTE if event.content else CUT_THOUGHT_NOTE)
-                    if conversation_id and event.conversation_id != conversation_id:
-                        view.add_note(RESTARTED_NOTE)
-                    conversation_id = event.conversation_id
-                elif event.type == "error":
-                    view.add_note(f"⚠ {await self.explain(event)}")
-                over = event.type in ("done", "error")
-                yield list(view.messages), conversation_id, not over
-        if not over:
-            yield mark_stopped(view.messages), conversation_id, False
+        async for update in self.updates(self.run_events(conversation_id, message, choice, request.session_hash),
+                                         conversation_id):
+            yield update
 
-    @asynccontextmanager
-    async def relayed(self, tab: str, conversation_id: str, content: str,
-                      thinking: bool | None) -> AsyncIterator[Relayed]:
-        """The turn's events, from a task that Stop cancels, as is the task when ChatInterface cancels the
-        handler (the tab went away); None comes last, however the task ended."""
-        queue: Relayed = asyncio.Queue()
-        relay = self._relays[tab] = asyncio.create_task(self.run_turn(conversation_id, content, queue.put, thinking))
-        relay.add_done_callback(lambda _: queue.put_nowait(None))
-        try:
-            yield queue
-        finally:
-            relay.cancel()
-            if self._relays.get(tab) is relay:  # an example clicked after the trash icon runs a second turn
-                del self._relays[tab]
+    async def updates(self, events: AsyncIterator["RunEvent | StreamEvent"], asked: str) -> AsyncIterator[TurnUpdate]:
+        """A turn's messages as its events arrive, with the tab's conversation id and whether the turn runs on.
+
+        The id is the run's while it runs, so that a reload reattaches to it, and stays the one `asked` for when
+        the turn is not stored. A turn cut short by Stop ends here too, so ChatInterface keeps the chat that says so.
+        """
+        import agent_app  # imported here: it imports this module at its top
+
+        view = TurnView()
+        conversation_id, over = asked, False
+        async for event in events:
+            if event.type == "run":
+                conversation_id = event.conversation_id
+                continue
+            if event.type == "error" and event.status == agent_app.RunCancelled.status_code:
+                break
+            view.apply(event)
+            if event.type == "done":
+                conversation_id = event.conversation_id
+                if event.stop_reason == "length":
+                    view.add_note(CUT_NOTE if event.content else CUT_THOUGHT_NOTE)
+                if asked and event.conversation_id != asked:
+                    view.add_note(RESTARTED_NOTE)
+            elif event.type == "error":
+                view.add_note(f"⚠ {await self.explain(event)}")
+                conversation_id = asked
+            over = event.type in ("done", "error")
+            yield list(view.messages), conversation_id, not over
+        if not over:
+            yield mark_stopped(view.messages), asked, False
 
     def stop(self, request: gr.Request) -> None:
-        """Stop: cancel the tab's turn, which closes its vLLM request; `respond` then ends it as stopped."""
-        relay = self._relays.get(request.session_hash)
-        if relay is not None:
-            relay.cancel()
+        """Stop: cancel the tab's run, which closes its vLLM request; `updates` then ends it as stopped."""
+        run = self._runs.get(request.session_hash)
+        if run is not None and run.status == "running":
+            run.cancel()
 
     async def turn_changed(self, running: bool) -> tuple[gr.Button, gr.Button, str | Update, gr.Textbox]:
         """While a turn runs, Stop takes New conversation's place and the locked input says why; after it, the header
@@ -331,17 +349,26 @@ class ChatUI:
             return f"{error.detail}; the service log has the details."
         return error.detail
 
-    async def restore(self, conversation_id: str) -> tuple[list[gr.ChatMessage], str]:
-        """On page load: the tab's stored conversation, or a fresh one when the id is unknown."""
-        if not conversation_id:
-            return [], ""
+    async def restore(self, conversation_id: str, request: gr.Request) -> AsyncIterator[tuple[list[gr.ChatMessage],
+                                                                                             str, bool]]:
+        """On page load: the tab's stored conversation, or a fresh one when the id is unknown; with the rest of a
+        turn that still runs (the page was reloaded during it) as it streams, and whether it runs on."""
         import agent_app  # imported here: it imports this module at its top
 
+        run = self.runs.running(conversation_id) if conversation_id else None
         try:
-            stored = await self.agent.store.load_messages(conversation_id)
-        except agent_app.ConversationNotFound:
-            return [], ""
-        return messages_from_store(stored), conversation_id
+            stored = await self.agent.store.load_messages(conversation_id) if conversation_id else []
+        except agent_app.ConversationNotFound:  # deleted, another database, or a first turn still running
+            stored = []
+            conversation_id = conversation_id if run is not None else ""
+        if run is None:
+            yield messages_from_store(stored), conversation_id, False
+            return
+        shown = [*messages_from_store(stored[: len(run.turn.history)]),  # not the turn, if it was stored meanwhile
+                 gr.ChatMessage(role="user", content=run.content)]
+        yield shown, conversation_id, True
+        async for messages, shown_id, running in self.updates(self.follow(run, request.session_hash), conversation_id):
+            yield [*shown, *messages], shown_id, running
 
     async def header(self) -> str:
         """Refreshed on load and after each turn, so the dot says how vLLM is now, not at startup."""
@@ -433,7 +460,7 @@ def build_page(ui: ChatUI, settings: "Settings") -> gr.Blocks:
         new.click(lambda: ([], ""), None, [chat.chatbot_value, conversation], api_visibility="private")
         chat.chatbot.clear(lambda: "", None, [conversation], queue=False, api_visibility="private")
         conversation.change(None, [conversation], None, js=SAVE_TAB_CONVERSATION, api_visibility="private")
-        page.load(ui.restore, [conversation], [chat.chatbot_value, conversation], js=READ_TAB_CONVERSATION,
+        page.load(ui.restore, [conversation], [chat.chatbot_value, conversation, running], js=READ_TAB_CONVERSATION,
                   concurrency_limit=None, api_visibility="private")
         page.load(ui.header, None, [header], concurrency_limit=None, api_visibility="private")
         page.load(ui.thinking_toggle, None, [thinking, thinking_offered], concurrency_limit=None,

@@ -3,8 +3,8 @@
 Starts tests/fake_vllm.py (50 answer tokens, 20 ms apart) and the service (`uvicorn agent_app:app`, one
 worker), then opens every conversation at once on POST /api/v1/chat/stream. Each asks plain questions (no
 tool call, so each turn is one streamed answer of 50 tokens, about a second), passing its conversation_id
-back. Prints completed/failed turns, time to first token, the most streams open at once, and the
-service's peak RSS. Loopback only; bounded in turns and in time.
+back. Prints completed/failed turns, time to first token, the most streams open at once, the service's peak
+RSS, and the write rate and size of its runs' event log. Loopback only; bounded in turns and in time.
 
     .venv/bin/python bench/load.py                # 500 conversations x 2 turns, about 30 s
     .venv/bin/python bench/load.py --reference    # the same load on bench/reference_app.py, for scale
@@ -14,9 +14,11 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import tempfile
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,8 +83,19 @@ def ttft_line(label: str, results: list[TurnResult]) -> str:
     return f"  {label:<21} p50 {percentile(ttfts, 0.5):8.1f} ms   p99 {percentile(ttfts, 0.99):8.1f} ms"
 
 
+def event_log_line(database: Path, turns: int, elapsed: float) -> str:
+    """How fast the runs' event log was written, and the database's size (its files, WAL included) per 1,000 turns;
+    the log keeps each run's events for RUN_RETENTION_S after it ended."""
+    with closing(sqlite3.connect(database)) as conn:
+        events, payload = conn.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(data)), 0) FROM run_events").fetchone()
+    size = sum(path.stat().st_size for path in database.parent.glob(f"{database.name}*"))
+    per_1000 = 1000 / max(1, turns) / 2**20
+    return (f"  event log             {events / elapsed:.0f} events/s written, {events / max(1, turns):.0f} a turn; "
+            f"database {size * per_1000:.1f} MiB per 1,000 turns ({payload * per_1000:.1f} MiB of it event data)")
+
+
 def report(args: argparse.Namespace, stats: LoadStats, elapsed: float, cpu: dict[str, float],
-           rss_before: float, peak: float) -> bool:
+           rss_before: float, peak: float, database: Path | None) -> bool:
     """Print the figures; True when no turn failed and every planned turn ran."""
     planned = args.conversations * args.turns
     results = [result for by_turn in stats.results.values() for result in by_turn]
@@ -111,6 +124,8 @@ def report(args: argparse.Namespace, stats: LoadStats, elapsed: float, cpu: dict
           f"{cpu['server'] * 1000 / max(1, len(ok)):.1f} ms per turn; "
           f"fake vLLM {cpu['fake']:.1f} s; this driver {cpu['driver']:.1f} s")
     print(f"  server RSS            {rss_before:.1f} MiB before, peak {peak:.1f} MiB")
+    if database is not None:
+        print(event_log_line(database, len(ok), elapsed))
     for error, count in Counter(result.error for result in results if not result.ok).most_common(5):
         print(f"  failure x{count}: {error}")
     return failed == 0 and len(results) == planned
@@ -142,7 +157,8 @@ def main() -> int:
         rss_before = rss_mib(server.pid)
         with cpu_meter({"server": server.pid, "fake": vllm.pid, "driver": os.getpid()}) as cpu:
             stats, elapsed = asyncio.run(hold(server.url + url, args.conversations, args.turns))
-        passed = report(args, stats, elapsed, cpu, rss_before, peak_rss_mib(server.pid))
+        database = None if args.reference else group.work_dir / f"{server.name}.db"
+        passed = report(args, stats, elapsed, cpu, rss_before, peak_rss_mib(server.pid), database)
         if not passed:
             print(f"  {server.name} log, first error lines:", *server.error_lines(), sep="\n    ")
     return 0 if passed else 1

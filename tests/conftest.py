@@ -40,7 +40,9 @@ class LiveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.app = create_app(settings)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning"))
+        # A browser may hold a streaming connection open after its page closed: at exit, wait 5 s for it, not for ever.
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
+                                                     timeout_graceful_shutdown=5))
         self._task: asyncio.Task[None] | None = None
         self.url = ""
 
@@ -96,7 +98,10 @@ async def read_events(response: httpx.Response) -> list[tuple[str, dict[str, Any
 
 
 async def stream_chat(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The turn's events after the `run` event that starts every stream."""
     async with http.stream("POST", f"{url}/api/v1/chat/stream", json=body) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        return await read_events(response)
+        events = await read_events(response)
+    assert events[0][0] == "run" and events[0][1]["run_id"] == response.headers["x-run-id"]
+    return events[1:]

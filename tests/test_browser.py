@@ -189,3 +189,32 @@ async def test_api_key_guards_the_page_and_gradios_api(fake_vllm: FakeVLLM, live
     assert (wrong.status_code, wrong.json()) == (400, {"detail": "Incorrect credentials."})
     assert right.json() == {"success": True}
     assert config.status_code == 200 and "What is 2**16 / 7?" in config.text
+
+
+@pytest.mark.parametrize("first_turn", [True, False], ids=["new-conversation", "later-turn"])
+async def test_a_reload_in_the_middle_of_a_slow_turn_shows_the_answer_finish(
+        first_turn: bool, browser: Browser, fake_vllm: FakeVLLM, live_server: Any) -> None:
+    slow = "Word by word the story goes on. " * 12 + "The very end."
+    earlier = [] if first_turn else ["Hi", "Hello."]
+    fake_vllm.script(*earlier[1:], Reply(text=slow, token_delay_s=0.05))
+    async with live_server(vllm_base_url=fake_vllm.url) as server:
+        page = await browser.new_page(viewport=VIEWPORT)
+        await page.goto(f"{server.url}/ui/")
+        if earlier:
+            await ask(page, "Hi")
+            await expect(page.get_by_text("Hello.")).to_be_visible(timeout=WAIT_MS)
+            await wait_until_idle(page)
+        await ask(page, "Tell me a slow story")
+        await expect(page.get_by_text(re.compile("^Word by word"))).to_be_visible(timeout=WAIT_MS)
+        await page.reload()  # the run goes on without the tab; the page reattaches to it
+        await expect(page.get_by_text("Tell me a slow story")).to_be_visible(timeout=WAIT_MS)
+        await expect(page.get_by_role("button", name="Stop")).to_be_visible(timeout=WAIT_MS)
+        await expect(page.get_by_text(re.compile(r"The very end\.$"))).to_be_visible(timeout=WAIT_MS)
+        await wait_until_idle(page)
+        await expect(page.get_by_role("button", name="New conversation")).to_be_visible()
+        await expect(page.get_by_text("Hello.")).to_have_count(len(earlier) // 2)
+        conversations = (await server.app.state.agent.store.list_conversations(10, None)).conversations
+        stored = await server.app.state.agent.store.load_messages(conversations[0].id)
+        await page.close()
+    assert fake_vllm.disconnects == 0
+    assert [message["content"] for message in stored] == [*earlier, "Tell me a slow story", slow]

@@ -530,7 +530,7 @@ async def test_the_service_runs_a_stdio_tool_an_http_tool_and_a_built_in_in_one_
             events = [json.loads(line[6:]) async for line in response.aiter_lines() if line.startswith("data: ")]
         tools = (await http.get(f"{server.url}/api/v1/tools")).json()
         health = (await http.get(f"{server.url}/api/v1/health")).json()
-    assert [event["type"] for event in events[:3]] == ["tool_call"] * 3
+    assert [event["type"] for event in events[:4]] == ["run"] + ["tool_call"] * 3
     assert {event["name"]: event["result"] for event in events if event["type"] == "tool_result"} == {
         "local__add": "5", "remote__request_header": "a", "calculator": "84"}
     assert events[-1]["type"] == "done"

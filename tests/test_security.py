@@ -51,6 +51,9 @@ ROUTES_WITH_KEY = {  # every /api/v1 route but /health, and its status with the 
     ("GET", "/api/v1/conversations"): 200,
     ("GET", "/api/v1/conversations/{conversation_id}"): 200,
     ("GET", "/api/v1/tools"): 200,
+    ("GET", "/api/v1/runs/{run_id}"): 404,  # an unknown run: the key let the request through
+    ("GET", "/api/v1/runs/{run_id}/events"): 404,
+    ("POST", "/api/v1/runs/{run_id}/cancel"): 404,
     ("DELETE", "/api/v1/conversations/{conversation_id}"): 204,
 }
 
@@ -66,7 +69,7 @@ async def test_with_api_key_every_api_route_but_health_needs_the_bearer_key(
         conversation_id = (await http.post(f"{server.url}/api/v1/chat", json={"content": "hi"},
                                            headers=WITH_KEY)).json()["conversation_id"]
         for method, path in ROUTES_WITH_KEY:
-            url = server.url + path.format(conversation_id=conversation_id)
+            url = server.url + path.format(conversation_id=conversation_id, run_id="0" * 32)
             body = {"content": "hello"} if method == "POST" else None
             for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": f"Basic {API_KEY}"},
                             {"Authorization": API_KEY}, {"X-API-Key": API_KEY}):
@@ -319,7 +322,7 @@ async def test_the_log_lines_of_a_failing_turn_carry_its_request_id(
     async with live_server(vllm_base_url=fake_vllm.url, vllm_max_retries=1) as server:
         response = await http.post(f"{server.url}/api/v1/chat/stream", json={"content": "hi"},
                                    headers={"X-Request-ID": "turn-7"})
-    assert response.text.startswith("event: error\n")
+    assert response.text.startswith("event: run\n") and "event: error\n" in response.text
     lines = [(entry["level"], entry["message"]) for entry in log_entries(service_log)
              if entry["request_id"] == "turn-7"]
     assert lines[:2] == [("INFO", "vLLM call failed (attempt 1), retrying"),

@@ -46,7 +46,7 @@ async def postgres_url() -> str:
         pytest.skip("no PostgreSQL server: set TEST_POSTGRES_URL (bash .ci/run starts one on loopback)")
     engine = create_async_engine(url)
     async with engine.begin() as conn:
-        await conn.execute(text("DROP TABLE IF EXISTS messages, conversations"))
+        await conn.execute(text("DROP TABLE IF EXISTS run_events, runs, messages, conversations"))
     await engine.dispose()
     return url
 

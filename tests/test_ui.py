@@ -2,7 +2,7 @@
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from itertools import accumulate
 from typing import Any
@@ -253,13 +253,13 @@ def test_stop_settles_pending_calls_and_says_nothing_was_saved() -> None:
 # --- turns ---
 
 
-async def test_plain_answer_streams_token_by_token_then_gets_its_conversation_id(
+async def test_plain_answer_streams_token_by_token_with_its_conversation_id_from_the_start(
         ui: ChatUI, fake_vllm: FakeVLLM) -> None:
     fake_vllm.script("Hello there, how can I help?")
     chats, ids, running = await chat(ui, "Hi")
     expected = growing([user("Hi")], "Hello there, how can I help?")
     assert chats == [[user("Hi")], *expected, expected[-1]]
-    assert ids[:-1] == [""] * (len(expected) + 1) and ids[-1]
+    assert ids == [""] + [ids[-1]] * (len(expected) + 1) and ids[-1]  # the run's, so a reload reattaches
     assert running == [True] * (len(expected) + 1) + [False]
     assert await ui.agent.store.load_messages(ids[-1]) == [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how can I help?"}]
@@ -274,7 +274,7 @@ async def test_tool_call_shows_pending_then_its_result_then_the_answer(ui: ChatU
     assert [without_durations(messages) for messages in chats] == [*expected, expected[-1]]
     assert pending.metadata == {"title": "calculator(12\\*7)", "status": "pending"}
     assert done.metadata["title"] == "calculator(12\\*7) → 84"
-    assert ids[-1] and set(ids[:-1]) == {""}
+    assert ids[0] == "" and set(ids[1:]) == {ids[-1]} and ids[-1]
 
 
 async def test_parallel_calls_show_side_by_side_in_call_order(ui: ChatUI) -> None:
@@ -362,12 +362,11 @@ async def test_thinking_toggle_reaches_the_agent_only_when_the_page_offers_it(
         ui: ChatUI, monkeypatch: pytest.MonkeyPatch, toggle: bool, offered: bool, sent: bool | None) -> None:
     calls: list[tuple[str, str, bool | None]] = []
 
-    async def run_turn(conversation_id: str, content: str, put: Callable[[Any], Awaitable[None]],
-                       thinking: bool | None) -> None:
+    async def run_events(conversation_id: str, content: str, thinking: bool | None, tab: str) -> AsyncIterator[Any]:
         calls.append((conversation_id, content, thinking))
-        await put(DoneEvent(conversation_id="c1", content=""))
+        yield DoneEvent(conversation_id="c1", content="")
 
-    monkeypatch.setattr(ui, "run_turn", run_turn)
+    monkeypatch.setattr(ui, "run_events", run_events)
     assert [update async for update in ui.respond("Hi", [], "", toggle, offered, TAB)][-1] == ([], "c1", False)
     assert calls == [("", "Hi", sent)]
 
@@ -383,28 +382,32 @@ async def test_thinking_toggle_shows_only_for_a_model_that_thinks(ui: ChatUI, mo
     assert [(hidden.visible, hidden_offered), (shown.visible, shown_offered)] == [(False, False), (True, True)]
 
 
-async def test_cancelled_turn_closes_the_vllm_stream_and_stores_nothing(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
-    fake_vllm.script("First.", Reply(text="A slow answer " * 50, token_delay_s=0.05))
-    _, ids, _ = await chat(ui, "One")
+async def test_a_tab_that_goes_away_leaves_its_turn_running_and_a_reload_shows_the_rest(
+        ui: ChatUI, fake_vllm: FakeVLLM) -> None:
+    slow = "A slow answer " * 20
+    fake_vllm.script("First.", Reply(text=slow, token_delay_s=0.02))
+    chats, ids, _ = await chat(ui, "One")
     first_token = asyncio.Event()
+    updates: list[Any] = []
 
     async def second_turn() -> None:
-        async for messages, _, _ in ui.respond("Two", [], ids[-1], True, False, TAB):
-            if messages:
+        async for update in ui.respond("Two", [], ids[-1], True, False, TAB):
+            if update[0]:
                 first_token.set()
 
-    task = asyncio.create_task(second_turn())  # Gradio runs the handler as a task; Stop cancels it
+    task = asyncio.create_task(second_turn())  # Gradio runs the handler as a task, and cancels it when the tab goes
     await first_token.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    for _ in range(500):  # the fake sees the closed connection on a later turn of its loop
-        if fake_vllm.disconnects:
-            break
-        await asyncio.sleep(0.01)
-    assert fake_vllm.disconnects == 1
+    async for update in ui.restore(ids[-1], gr.Request(session_hash="reloaded")):
+        updates.append(update)
+    assert updates[0] == ([*without_durations(chats[-1]), user("Two")], ids[-1], True)
+    assert updates[-1] == ([*without_durations(chats[-1]), user("Two"), answer(slow)], ids[-1], False)
+    assert fake_vllm.disconnects == 0
     assert await ui.agent.store.load_messages(ids[-1]) == [
-        {"role": "user", "content": "One"}, {"role": "assistant", "content": "First."}]
+        {"role": "user", "content": "One"}, {"role": "assistant", "content": "First."},
+        {"role": "user", "content": "Two"}, {"role": "assistant", "content": slow}]
 
 
 async def test_stop_ends_the_turn_as_stopped_closes_the_vllm_stream_and_stores_nothing(
@@ -420,7 +423,8 @@ async def test_stop_ends_the_turn_as_stopped_closes_the_vllm_stream_and_stores_n
     first = answer(tokenize(slow)[0])
     assert [without_durations(messages) for messages, _, _ in updates[-2:]] == [
         [done, first], [done, first, answer(STOPPED_NOTE)]]
-    assert [(conversation_id, running) for _, conversation_id, running in updates[-2:]] == [("", True), ("", False)]
+    assert [running for _, _, running in updates[-2:]] == [True, False]
+    assert updates[-1][1] == ""  # the run's id while it ran, the tab's own again now that nothing was stored
     for _ in range(500):  # the fake sees the closed connection on a later turn of its loop
         if fake_vllm.disconnects:
             break
@@ -451,14 +455,12 @@ async def test_stop_takes_new_conversations_place_while_a_turn_runs(ui: ChatUI, 
 
 async def test_restore_rebuilds_the_chat_a_reload_shows(ui: ChatUI) -> None:
     chats, ids, _ = await chat(ui, "What is 12*7?")
-    restored, conversation_id = await ui.restore(ids[-1])
-    assert restored == without_durations(chats[-1])
-    assert conversation_id == ids[-1]
+    assert [update async for update in ui.restore(ids[-1], TAB)] == [(without_durations(chats[-1]), ids[-1], False)]
 
 
 @pytest.mark.parametrize("conversation_id", ["", "0123456789abcdef"])
 async def test_restore_without_a_known_conversation_starts_empty(ui: ChatUI, conversation_id: str) -> None:
-    assert await ui.restore(conversation_id) == ([], "")
+    assert [update async for update in ui.restore(conversation_id, TAB)] == [([], "", False)]
 
 
 async def test_header_reports_reachable_vllm_and_the_agents_tools(ui: ChatUI, fake_vllm: FakeVLLM) -> None:
