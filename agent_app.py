@@ -1564,8 +1564,8 @@ def write_batch(conn: Connection, writes: list[QueuedWrite], now: float) -> list
         if isinstance(write, RunWrite):
             if write.first:
                 conn.execute(insert(RUNS), write.row)
-            elif write.row:
-                conn.execute(update(RUNS).where(RUNS.c.id == write.run_id), write.row)
+            elif write.row:  # a run another worker's sweep found stalled and ended stays ended
+                conn.execute(update(RUNS).where(RUNS.c.id == write.run_id, RUNS.c.status == "running"), write.row)
             events += write.events
             continue
         assert isinstance(write, PendingWrite)
@@ -1787,7 +1787,7 @@ class ConversationStore:
         await self._write_op(request_cancel, run_id)
 
     async def run_info(self, run_id: str) -> RunInfo:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             row = (await conn.execute(select(RUNS).where(RUN_IS), {"b_id": run_id})).first()
         if row is None:
             raise RunNotFound(f"run {run_id!r} not found")
@@ -1795,11 +1795,11 @@ class ConversationStore:
 
     async def run_events(self, run_id: str, after: int) -> list[tuple[int, str, str]]:
         """A run's logged events after id `after`: (id, type, JSON), in order."""
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             return [tuple(row) for row in await conn.execute(RUN_EVENTS_AFTER, {"b_id": run_id, "b_after": after})]
 
     async def last_event_id(self, run_id: str) -> int:
-        async with self._engine.connect() as conn:
+        async with self._connect() as conn:
             return await conn.scalar(select(func.max(RUN_EVENTS.c.seq)).where(RUN_EVENTS.c.run_id == run_id)) or 0
 
     def _queue_write(self, write: QueuedWrite) -> asyncio.Future[None]:
@@ -2531,7 +2531,8 @@ class RunRegistry:
             if not running and not events and not seen:
                 last = await self.store.last_event_id(run_id)
                 if after > last or (after == last and status == "interrupted"):  # its log may have lost a tail
-                    events = await self.store.run_events(run_id, last - 1)
+                    tail = await self.store.run_events(run_id, last - 1)
+                    events = [(after + 1, kind, data) for _, kind, data in tail]  # numbered after what was seen
             for event in events:
                 yield event
             if not running:

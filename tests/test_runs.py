@@ -313,5 +313,7 @@ async def test_a_killed_server_leaves_its_run_interrupted_and_the_conversation_u
         next_turn = await http.post(f"{url}/api/v1/chat", json={"content": "3", "conversation_id": conversation_id})
     assert rest[-1][1] == "error" and data(rest[-1])["status"] == 503
     assert data(rest[-1])["detail"].startswith(f"run {run_id} was interrupted")
+    ids = [frame[0] for frame in [*got, *rest]]
+    assert ids == sorted(set(ids))  # no id twice, even where the dead process's log lost a tail
     assert after["messages"] == before and after["run_id"] is None
     assert next_turn.status_code == 200 and next_turn.json()["content"] == "Third."
