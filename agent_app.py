@@ -14,10 +14,10 @@
   10. App         create_app(): the lifespan (store, vLLM client, MCP servers, runs), middleware, routers, the page
 
   AgentError 500
-  ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, RunNotFound 404, ConversationBusy 409,
-  │   │                RunFinished 409, ContentTooLarge 413, ContextTooLong 413, InvalidCursor 422,
-  │   │                RunCancelled 499
-  │   └── (section 9) ModelNotFound 404, InvalidChatRequest 422 ── UnsupportedRequest 400
+  ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, RunNotFound 404, ModelNotFound 404,
+  │   │                ConversationBusy 409, RunFinished 409, ContentTooLarge 413, ContextTooLong 413,
+  │   │                InvalidCursor 422, RunCancelled 499
+  │   └── InvalidChatRequest 422 (an OpenAI chat request's messages) ── UnsupportedRequest 400
   ├── LLMError 502 ── LLMTimeout 504 ── TurnTimeout 504
   ├── VLLMBusy 503 (Retry-After) · StoreUnavailable 503 (Retry-After) · RunInterrupted 503
   └── ToolExecutionError 500
@@ -224,6 +224,27 @@ class ContextTooLong(ClientError):
 class InvalidCursor(ClientError):
     """A pagination cursor that this service did not hand out."""
     status_code = 422
+
+
+class InvalidChatRequest(ClientError):
+    """A chat request whose messages cannot make a turn (the last not from the user, empty, NUL, a bad id): 422, as
+    /api/v1 answers the same mistakes."""
+    status_code = 422
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedRequest(InvalidChatRequest):
+    """A chat request this endpoint cannot honour (n > 1, logprobs, images, a forced tool call, ...)."""
+    status_code = 400
+
+
+class ModelNotFound(ClientError):
+    """The request names a model other than the agent."""
+    status_code = 404
+    code = "model_not_found"
 
 
 class LLMError(AgentError):
@@ -1990,7 +2011,6 @@ class PromptHead:
     list changes."""
 
     date: str
-    schemas: list[dict[str, Any]]
     system: dict[str, Any]
     tools: list[dict[str, Any]]
     tools_json: EncodedJson
@@ -2249,10 +2269,10 @@ class Agent:
         schemas = self.registry.openai_schemas() if tools else NO_TOOLS
         today = datetime.now(UTC).date().isoformat()
         head = self._heads.get(tools)
-        if head is None or head.schemas is not schemas or head.date != today:
+        if head is None or head.tools is not schemas or head.date != today:
             system = {"role": "system", "content": self.settings.system_prompt.replace("{date}", today)}
             parameters = {schema["function"]["name"]: schema["function"].get("parameters") or {} for schema in schemas}
-            head = self._heads[tools] = PromptHead(today, schemas, system, schemas,
+            head = self._heads[tools] = PromptHead(today, system, schemas,
                                                    EncodedJson(JSON_ENCODER.encode(schemas)), parameters,
                                                    estimate_tokens(system) + estimate_tokens(schemas))
         return head
@@ -2316,10 +2336,7 @@ class Agent:
             state.add({"role": "tool", "tool_call_id": call.id, "content": text})
 
     async def _results_as_completed(self, calls: list[FunctionCall]) -> AsyncIterator[tuple[int, ToolResult]]:
-        """(index, result) as each call finishes; a single call runs inline, without a task to schedule."""
-        if len(calls) == 1:
-            yield await self._run_tool(0, calls[0])
-            return
+        """(index, result) as each call finishes; the calls run concurrently."""
         tasks = [asyncio.create_task(self._run_tool(index, call)) for index, call in enumerate(calls)]
         try:
             for next_done in asyncio.as_completed(tasks):
@@ -2718,7 +2735,7 @@ async def sse_frames(agent: Agent, events: AsyncIterator[StreamEvent], frame: Ca
         yield first
     producer = asyncio.create_task(produce())
     try:
-        while (data := frames.get_nowait() if frames.qsize() else await next_frame()) is not None:
+        while (data := await next_frame()) is not None:
             yield data
     finally:
         producer.cancel()
@@ -2900,27 +2917,6 @@ RENDERED_TOOL_CALLS = re.compile(
 OPENAI_ERROR_CODES = {400: "unsupported", 401: "invalid_api_key", 404: "not_found", 409: "conversation_busy",
                       413: "too_large", 415: "unsupported_media_type", 422: "invalid_request", 500: "internal_error",
                       502: "upstream_error", 503: "overloaded", 504: "timeout"}
-
-
-class InvalidChatRequest(ClientError):
-    """A chat request whose messages cannot make a turn (the last not from the user, empty, NUL, a bad id): 422, as
-    /api/v1 answers the same mistakes."""
-    status_code = 422
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class UnsupportedRequest(InvalidChatRequest):
-    """A chat request this endpoint cannot honour (n > 1, logprobs, images, a forced tool call, ...)."""
-    status_code = 400
-
-
-class ModelNotFound(ClientError):
-    """The request names a model other than the agent."""
-    status_code = 404
-    code = "model_not_found"
 
 
 class OpenAIMessage(BaseModel):
@@ -3157,13 +3153,6 @@ class OpenAICompletion:
         self.tools_ran = False
         self._arguments: dict[str, dict[str, Any]] = {}
         self._line_start = True  # the content so far is empty or ends a line: a block may start here
-        head = JSON_ENCODER.encode({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                    "model": model})[:-1]
-        usage = ',"usage":null' if include_usage else ""
-        self._chunk_head = f'data: {head},"choices":[{{"index":0,"delta":'
-        self._usage_head = f'data: {head},"choices":[],"usage":'
-        self._chunk_tail = f',"finish_reason":null}}]{usage}}}\n\n'
-        self._final_tail = f',"finish_reason":"stop"}}]{usage}}}\n\n'
 
     def delta(self, event: StreamEvent) -> dict[str, str] | None:
         """The delta an event adds to the message, if any. `reasoning` events (thinking) are matched by type."""
@@ -3203,25 +3192,31 @@ class OpenAICompletion:
             return f"> 🔧 {html.escape(line, quote=False)}\n\n"
         return ""
 
-    def _chunk(self, delta: dict[str, Any], tail: str) -> str:
-        return f"{self._chunk_head}{JSON_ENCODER.encode(delta)}{tail}"
+    def _chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None,
+               usage: Usage | None = None) -> str:
+        """One chat.completion.chunk frame; the usage chunk (no delta) has an empty `choices`."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+        chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                 "model": self.model, "choices": choices}
+        if self.include_usage:
+            chunk["usage"] = usage.model_dump() if usage is not None else None
+        return f"data: {JSON_ENCODER.encode(chunk)}\n\n"
 
     def frame(self, event: StreamEvent) -> bytes:
         """The SSE text an event adds to the stream: a chunk, the end (finish, usage, [DONE]), or nothing."""
         if event.type == "done":
-            end = self._chunk({}, self._final_tail)
+            end = self._chunk({}, "stop")
             if self.include_usage and event.usage is not None:
-                end += f"{self._usage_head}{event.usage.model_dump_json()}}}\n\n"
+                end += self._chunk(None, usage=event.usage)
             return f"{end}data: [DONE]\n\n".encode()
         if event.type == "error":
-            error = loads_json(openai_error(event.status, event.detail).body)
-            return f"data: {JSON_ENCODER.encode(error)}\n\ndata: [DONE]\n\n".encode()
+            return f"data: {openai_error(event.status, event.detail).body.decode()}\n\ndata: [DONE]\n\n".encode()
         delta = self.delta(event)
-        return self._chunk(delta, self._chunk_tail).encode() if delta else b""
+        return self._chunk(delta).encode() if delta else b""
 
     def role_chunk(self) -> bytes:
         """The stream's first chunk, sent at once: the assistant's role."""
-        return self._chunk({"role": "assistant", "content": ""}, self._chunk_tail).encode()
+        return self._chunk({"role": "assistant", "content": ""}).encode()
 
     def response(self, events: list[StreamEvent], headers: dict[str, str]) -> Response:
         """The finished turn's events as one chat.completion."""
