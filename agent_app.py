@@ -826,8 +826,24 @@ def parse_tool_calls(text: str, schemas: Mapping[str, dict[str, Any]]) -> tuple[
     return text[: first.start()], calls
 
 
+SPLIT_TAGS = (THINK_OPEN, THINK_CLOSE, *CALL_OPENERS)
+SPLIT_TAG = re.compile(f"({'|'.join(map(re.escape, SPLIT_TAGS))})")  # a group, so that re.split keeps the tags
+
+
+def cut_at_tags(text: str) -> tuple[list[str], str]:
+    """The text in pieces, each tag a piece of its own, and its end when that may still become a tag: held back
+    until more text comes. Only the last `<` can start such an end, as no tag has a second `<`."""
+    pieces = SPLIT_TAG.split(text)
+    start = pieces[-1].rfind("<")
+    if start < 0 or not any(tag.startswith(pieces[-1][start:]) for tag in SPLIT_TAGS):
+        return pieces, ""
+    held = pieces[-1][start:]
+    pieces[-1] = pieces[-1][:start]
+    return pieces, held
+
+
 class SplitMode(Enum):
-    """Where a reply's text is: each mode listens for its own tags (MODE_TAGS)."""
+    """Where the content is, which decides what its text and tags do."""
 
     ANSWER = "answer"  # visible text
     THOUGHT = "thought"  # thinking, shown as such
@@ -835,28 +851,50 @@ class SplitMode(Enum):
     CALLS = "calls"  # call markup and all that follows it: hidden, kept for parsing
 
 
-MODE_TAGS = {
-    SplitMode.ANSWER: (THINK_OPEN, THINK_CLOSE, *CALL_OPENERS),
-    SplitMode.THOUGHT: (THINK_OPEN, THINK_CLOSE, *CALL_OPENERS),
-    SplitMode.THOUGHT_CALLS: (THINK_CLOSE,),
-    SplitMode.CALLS: (),
-}
-MODE_TAG_PATTERNS = {mode: re.compile("|".join(map(re.escape, tags))) for mode, tags in MODE_TAGS.items() if tags}
+class ThoughtNewlines:
+    """A thought's text as shown: without its leading newlines, and its trailing ones held until more text
+    follows. A new one for each thought, so that the newlines a thought ends with are dropped."""
+
+    def __init__(self) -> None:
+        self.started = False  # the thought has shown text: its leading newlines are behind
+        self.tail = ""  # newlines at the end of its text so far, held
+
+    def shown(self, text: str) -> str:
+        """What to show now of the thought's next text."""
+        if not self.started:
+            text = text.lstrip("\n")
+            self.started = bool(text)
+        body = text.rstrip("\n")
+        if not body:
+            self.tail += text
+            return ""
+        shown, self.tail = self.tail + body, text[len(body) :]
+        return shown
 
 
-def next_tag(text: str, pos: int, mode: SplitMode) -> re.Match[str] | None:
-    """The first tag at or after pos that matters in this mode."""
-    pattern = MODE_TAG_PATTERNS.get(mode)
-    return pattern.search(text, pos) if pattern else None
+class AnswerLead:
+    """An answer's text as shown: the whitespace before its first text is held, as a `<think>` may still follow
+    it, and shown after a thought without its newlines. A new one for the answer after each thought."""
 
+    def __init__(self) -> None:
+        self.started = False  # the answer has shown text, or call markup has started
+        self.lead = ""  # whitespace before its first text, held
 
-def undecided_from(text: str, pos: int, mode: SplitMode) -> int:
-    """Where the end of text[pos:] may still be the start of a tag of this mode: held back until more comes."""
-    tags = MODE_TAGS[mode]
-    for start in range(max(pos, len(text) - max(map(len, tags), default=1) + 1), len(text)):
-        if text[start] == "<" and any(tag.startswith(text[start:]) for tag in tags):
-            return start
-    return len(text)
+    def shown(self, text: str, *, after_thought: bool) -> str:
+        """What to show now of the answer's next text."""
+        if self.started:
+            return text
+        body = text.lstrip()
+        self.lead += text[: len(text) - len(body)]
+        if not body:
+            return ""
+        return self.start(after_thought=after_thought) + body
+
+    def start(self, *, after_thought: bool) -> str:
+        """The answer starts (text or call markup follows, or the reply ends): its held whitespace, to show."""
+        lead = self.lead.lstrip("\n") if after_thought else self.lead
+        self.started, self.lead = True, ""
+        return lead
 
 
 @dataclass(frozen=True, slots=True)
@@ -893,170 +931,108 @@ class ReplySplitter:
 
     def __init__(self, schemas: Mapping[str, dict[str, Any]], *, in_thought: bool) -> None:
         self._schemas = schemas
-        self._starts_in_thought = in_thought  # the content, when it comes, starts inside a thought
-        self._mode = SplitMode.ANSWER  # of the content; THOUGHT from its first piece when it starts in a thought
-        self._reasoning_mode = SplitMode.THOUGHT  # THOUGHT, then CALLS once call markup starts in `reasoning`
-        self._held = self._reasoning_held = ""  # undecided text at the end of the content and the reasoning
-        self._thought_seen = False  # a thought has ended or the server sent reasoning: think tags are absorbed
-        self._thought_started = False  # the current thought has shown text (its leading newlines are behind)
-        self._thought_tail = ""  # newlines at the end of the thinking shown so far, held
-        self._answer_started = False
-        self._answer_lead = ""  # whitespace before the answer's first text, held
-        self._now: tuple[list[str], list[str]] = ([], [])  # thinking and answer of the current call
-        self._shown: tuple[list[str], list[str]] = ([], [])
-        self._answer_calls: list[str] = []
-        self._thought_calls: list[str] = []
+        self._in_thought = in_thought  # the content, when it comes, starts inside a thought
+        self._mode = SplitMode.ANSWER  # where the content is
+        self._reasoning_calls = False  # call markup has started in the server's reasoning: the rest is markup
+        self._held = self._reasoning_held = ""  # a possible tag at the end of the content and of the reasoning
+        self._thought_seen = False  # a thought has ended or the server sent reasoning: think tags are dropped
+        self._thought = ThoughtNewlines()
+        self._answer = AnswerLead()
+        self._new: tuple[list[str], list[str]] = ([], [])  # thinking and answer not returned yet
+        self._shown: tuple[list[str], list[str]] = ([], [])  # thinking and answer returned
+        self._answer_calls: list[str] = []  # call markup in the answer and all that follows it
+        self._thought_calls: list[str] = []  # call markup in the thinking
 
     def feed(self, reasoning: str, content: str) -> tuple[str, str]:
         """One delta's `reasoning` and `content` -> the (thinking, answer) text to show now."""
         if reasoning:
             self._thought_seen = True
-            self._feed_reasoning(reasoning)
+            pieces, self._reasoning_held = cut_at_tags(self._reasoning_held + reasoning)
+            for piece in pieces:
+                self._reasoning_piece(piece)
         if content:
-            self._feed_content(content)
+            if self._in_thought and not self._thought_seen:
+                self._mode = SplitMode.THOUGHT
+            self._in_thought = False
+            pieces, self._held = cut_at_tags(self._held + content)
+            for piece in pieces:
+                self._content_piece(piece)
         return self._release()
 
     def flush(self) -> tuple[str, str]:
-        """End of the reply: what was held back and turned out to be text (a lone `<`; a tag prefix is dropped)."""
-        if self._reasoning_held == "<":
-            self._add_thinking("<")
-        held, self._held, self._reasoning_held = self._held, "", ""
-        if held == "<" or self._mode is SplitMode.THOUGHT_CALLS:
-            self._content_text(held)
-        if self._answer_lead:
-            self._start_answer()
-        self._end_thought()
+        """End of the reply: what was held back is kept when call markup, shown when a lone `<`, else dropped."""
+        if self._reasoning_held == "<" or self._reasoning_calls:
+            self._reasoning_piece(self._reasoning_held)
+        if self._held == "<" or self._mode in (SplitMode.THOUGHT_CALLS, SplitMode.CALLS):
+            self._content_piece(self._held)
+        self._held = self._reasoning_held = ""
+        if self._answer.lead:
+            self._new[1].append(self._answer.start(after_thought=self._thought_seen))
+        self._thought = ThoughtNewlines()  # a thought still open shows no more: its held newlines are dropped
         return self._release()
 
     def finish(self) -> SplitReply:
         """The whole reply, flushed first (so flush() before, when the tail is to be shown)."""
         self.flush()
-        calls = self._read_calls(self._answer_calls) or self._read_calls(self._thought_calls)
         thinking, answer = ("".join(pieces) for pieces in self._shown)
+        calls = parse_tool_calls("".join(self._answer_calls), self._schemas)[1]
+        calls = calls or parse_tool_calls("".join(self._thought_calls), self._schemas)[1]
         return SplitReply(thinking, answer, calls, self._mode is SplitMode.THOUGHT)
-
-    def _read_calls(self, markup: list[str]) -> list[FunctionCall]:
-        """The calls in call markup kept from the answer or the thinking."""
-        return parse_tool_calls("".join(markup), self._schemas)[1]
 
     def _release(self) -> tuple[str, str]:
         """What this call made showable, now part of what was shown."""
-        thinking, answer = ("".join(pieces) for pieces in self._now)
-        for shown, text in zip(self._shown, (thinking, answer), strict=True):
-            shown.append(text)
-        self._now = ([], [])
+        thinking, answer = "".join(self._new[0]), "".join(self._new[1])
+        self._shown[0].append(thinking)
+        self._shown[1].append(answer)
+        self._new = ([], [])
         return thinking, answer
 
-    def _feed_reasoning(self, reasoning: str) -> None:
-        """The server's thinking: think tags dropped, call markup hidden from where it starts."""
-        text, pos = self._reasoning_held + reasoning, 0
-        while tag := next_tag(text, pos, self._reasoning_mode):
-            self._reasoning_text(text[pos : tag.start()])
-            if tag.group() in CALL_OPENERS:
-                self._reasoning_mode, pos = SplitMode.CALLS, tag.start()
-                self._end_thought()
-            else:
-                pos = tag.end()
-        keep = undecided_from(text, pos, self._reasoning_mode)
-        self._reasoning_text(text[pos:keep])
-        self._reasoning_held = text[keep:]
+    def _reasoning_piece(self, piece: str) -> None:
+        """A text or tag of the server's thinking: think tags are dropped, call markup and all after it kept."""
+        if piece in CALL_OPENERS and not self._reasoning_calls:
+            self._reasoning_calls, self._thought = True, ThoughtNewlines()
+        if self._reasoning_calls:
+            self._thought_calls.append(piece)
+        elif piece not in (THINK_OPEN, THINK_CLOSE):
+            self._new[0].append(self._thought.shown(piece))
 
-    def _reasoning_text(self, text: str) -> None:
-        if self._reasoning_mode is SplitMode.CALLS:
-            self._thought_calls.append(text)
-        else:
-            self._add_thinking(text)
-
-    def _feed_content(self, content: str) -> None:
-        """The content, text and tags in turn, in the mode each tag leaves; a possible tag at the end waits."""
-        if self._starts_in_thought and not self._thought_seen:
-            self._mode = SplitMode.THOUGHT  # the first content, and no reasoning from the server before it
-        self._starts_in_thought = False
-        text, pos = self._held + content, 0
-        while tag := next_tag(text, pos, self._mode):
-            self._content_text(text[pos : tag.start()])
-            pos = self._content_tag(tag)
-        keep = undecided_from(text, pos, self._mode)
-        self._content_text(text[pos:keep])
-        self._held = text[keep:]
-
-    def _content_text(self, text: str) -> None:
-        match self._mode:
-            case SplitMode.ANSWER:
-                self._add_answer(text)
-            case SplitMode.THOUGHT:
-                self._add_thinking(text)
-            case SplitMode.THOUGHT_CALLS:
-                self._thought_calls.append(text)
-            case SplitMode.CALLS:
-                self._answer_calls.append(text)
-
-    def _content_tag(self, tag: re.Match[str]) -> int:
-        """Act on one tag in the content; returns where to read on (a call opener is read again, as markup)."""
-        if tag.group() in CALL_OPENERS:
-            self._enter_calls()
-            return tag.start()
-        if tag.group() == THINK_OPEN:
-            if self._mode is SplitMode.ANSWER and not self._answer_started and not self._thought_seen:
-                self._mode, self._answer_lead = SplitMode.THOUGHT, ""
-        elif self._mode is not SplitMode.ANSWER:
+    def _content_piece(self, piece: str) -> None:
+        """A text or tag of the content, acted on in the mode the content is in."""
+        if self._mode is SplitMode.CALLS:
+            self._answer_calls.append(piece)
+        elif self._mode is SplitMode.THOUGHT_CALLS and piece != THINK_CLOSE:
+            self._thought_calls.append(piece)
+        elif piece in CALL_OPENERS:
+            self._start_calls()
+            self._content_piece(piece)  # as call markup now
+        elif piece == THINK_OPEN:
+            if self._mode is SplitMode.ANSWER and not self._answer.started and not self._thought_seen:
+                self._mode, self._answer = SplitMode.THOUGHT, AnswerLead()  # the whitespace before it is dropped
+        elif piece == THINK_CLOSE:
             self._close_thought()
-        elif not self._thought_seen:
-            self._close_stray_thought()
-        return tag.end()
+        elif self._mode is SplitMode.THOUGHT:
+            self._new[0].append(self._thought.shown(piece))
+        else:
+            self._new[1].append(self._answer.shown(piece, after_thought=self._thought_seen))
 
-    def _close_stray_thought(self) -> None:
-        """A `</think>` with no thought before it: the answer this feed() has not returned yet was thinking."""
-        self._add_thinking("".join(self._now[1]) + self._answer_lead)
-        self._now[1].clear()
-        self._close_thought()
-
-    def _enter_calls(self) -> None:
+    def _start_calls(self) -> None:
         """Call markup starts: in a thought it hides the rest of the thought, in the answer all that follows."""
         if self._mode is SplitMode.THOUGHT:
-            self._mode = SplitMode.THOUGHT_CALLS
-            self._end_thought()
-            return
-        if not self._answer_started:
-            self._start_answer()
-        self._mode = SplitMode.CALLS
+            self._mode, self._thought = SplitMode.THOUGHT_CALLS, ThoughtNewlines()
+        else:
+            self._new[1].append(self._answer.start(after_thought=self._thought_seen))
+            self._mode = SplitMode.CALLS
 
     def _close_thought(self) -> None:
-        self._mode, self._thought_seen = SplitMode.ANSWER, True
-        self._answer_started, self._answer_lead = False, ""
-        self._end_thought()
-
-    def _add_answer(self, text: str) -> None:
-        """Answer text; whitespace before the first text waits, as a `<think>` may still follow it."""
-        if not self._answer_started:
-            body = text.lstrip()
-            self._answer_lead += text[: len(text) - len(body)]
-            if not body:
+        """A `</think>` ends the thought; with no thought before it, what the answer has not returned yet was
+        thinking; after a thought it is dropped."""
+        if self._mode is SplitMode.ANSWER:
+            if self._thought_seen:
                 return
-            self._start_answer()
-            text = body
-        self._now[1].append(text)
-
-    def _start_answer(self) -> None:
-        """The answer's first text is here: its held whitespace is shown, without newlines after a thought."""
-        lead = self._answer_lead.lstrip("\n") if self._thought_seen else self._answer_lead
-        self._answer_started, self._answer_lead = True, ""
-        self._now[1].append(lead)
-
-    def _add_thinking(self, text: str) -> None:
-        """Thinking text, without the thought's leading newlines; trailing newlines wait for more text."""
-        if not self._thought_started:
-            text = text.lstrip("\n")
-            self._thought_started = bool(text)
-        body = text.rstrip("\n")
-        if body:
-            self._now[0].append(self._thought_tail + body)
-            self._thought_tail = ""
-        self._thought_tail += text[len(body) :]
-
-    def _end_thought(self) -> None:
-        """The current thought shows no more text: its held trailing newlines are dropped."""
-        self._thought_started, self._thought_tail = False, ""
+            self._new[0].append(self._thought.shown("".join(self._new[1]) + self._answer.lead))
+            self._new[1].clear()
+        self._mode, self._thought_seen = SplitMode.ANSWER, True
+        self._thought, self._answer = ThoughtNewlines(), AnswerLead()
 
 
 # --- 5. vLLM client ---
