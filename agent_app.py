@@ -13,6 +13,10 @@
   9. OpenAI API   /v1/models and /v1/chat/completions: the agent as a model for OpenAI clients and chat UIs
   10. App         create_app(): the lifespan (store, vLLM client, MCP servers, runs), middleware, routers, the page
 
+  One POST /api/v1/chat, to read first: chat() -> Agent.open_turn (the conversation's lease) -> Agent.run_turn
+  (the loop) -> Agent._call_model -> VLLMClient.complete -> ReplySplitter -> Agent._run_tools -> the tools'
+  ToolRegistry.run -> ConversationStore.commit_turn (one transaction) -> the `done` event as the response.
+
   AgentError 500
   ├── ClientError 400: Unauthorized 401, ConversationNotFound 404, RunNotFound 404, ModelNotFound 404,
   │   │                ConversationBusy 409, RunFinished 409, ContentTooLarge 413, ContextTooLong 413,
