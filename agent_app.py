@@ -67,7 +67,7 @@ from sqlalchemy.engine import Connection, Engine, create_engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.schema import Column, ForeignKey, Index, MetaData, Table
-from sqlalchemy.sql import and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy.sql import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.sql import text as sql_text
 from sqlalchemy.types import JSON, Boolean, Float, Integer, String, Text
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -1471,9 +1471,12 @@ LOAD_MESSAGES = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("
 DELETE_MESSAGES = delete(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("b_id"))
 DELETE_CONVERSATION = delete(CONVERSATIONS).where(CONVERSATIONS.c.id == bindparam("b_id"))
 RUN_IS = RUNS.c.id == bindparam("b_id")
-RUN_EVENTS_AFTER = (select(RUN_EVENTS.c.seq, RUN_EVENTS.c.type, RUN_EVENTS.c.data)
-                    .where(RUN_EVENTS.c.run_id == bindparam("b_id"), RUN_EVENTS.c.seq > bindparam("b_after"))
-                    .order_by(RUN_EVENTS.c.seq))
+RUN_STATUS = select(RUNS.c.status).where(RUN_IS)
+RUN_LOG = (select(RUN_EVENTS.c.seq, RUN_EVENTS.c.type, RUN_EVENTS.c.data)
+          .where(RUN_EVENTS.c.run_id == bindparam("b_id")))
+RUN_EVENTS_AFTER = RUN_LOG.where(RUN_EVENTS.c.seq > bindparam("b_after")).order_by(RUN_EVENTS.c.seq)
+LAST_RUN_EVENT = RUN_LOG.order_by(RUN_EVENTS.c.seq.desc()).limit(1)
+LoggedEvent = tuple[int, str, str]  # one event of a run: its id (1, 2, ... in the run), type and JSON
 
 
 @dataclass(frozen=True)
@@ -1610,7 +1613,7 @@ def sweep_runs(conn: Connection, stale_before: float, expired_before: float, now
         ended = conn.execute(update(RUNS).where(RUNS.c.id == run.id, RUNS.c.status == "running")
                              .values(status="interrupted", finished_at=now, result=data))
         if ended.rowcount == 1:  # not already ended by another worker's sweep
-            last = conn.scalar(select(func.max(RUN_EVENTS.c.seq)).where(RUN_EVENTS.c.run_id == run.id)) or 0
+            last = conn.scalar(LAST_RUN_EVENT, {"b_id": run.id}) or 0  # its first column: the id
             conn.execute(insert(RUN_EVENTS).values(run_id=run.id, seq=last + 1, type="error", data=data))
             conn.execute(RELEASE_LEASE, {"b_id": run.conversation_id, "b_lease": run.lease})
     conn.execute(delete(RUN_EVENTS).where(RUN_EVENTS.c.run_id.in_(
@@ -1622,7 +1625,7 @@ def request_cancel(conn: Connection, run_id: str) -> None:
     """Ask the run's owner to cancel it (it looks each RUN_POLL_S); 404 for an unknown run, 409 for one that ended."""
     if conn.execute(update(RUNS).where(RUN_IS, RUNS.c.status == "running").values(cancel_requested=True),
                     {"b_id": run_id}).rowcount != 1:
-        status = conn.scalar(select(RUNS.c.status).where(RUN_IS), {"b_id": run_id})
+        status = conn.scalar(RUN_STATUS, {"b_id": run_id})
         if status is None:
             raise RunNotFound(f"run {run_id!r} not found")
         raise RunFinished(f"run {run_id!r} has already ended ({status}); there is nothing to cancel")
@@ -1794,14 +1797,19 @@ class ConversationStore:
             raise RunNotFound(f"run {run_id!r} not found")
         return run_info(row)
 
-    async def run_events(self, run_id: str, after: int) -> list[tuple[int, str, str]]:
-        """A run's logged events after id `after`: (id, type, JSON), in order."""
+    async def run_log(self, run_id: str, after: int) -> tuple[RunStatus, list[LoggedEvent]]:
+        """A run's status, then its logged events after id `after`: if it had ended, they are all there."""
         async with self._connect() as conn:
-            return [tuple(row) for row in await conn.execute(RUN_EVENTS_AFTER, {"b_id": run_id, "b_after": after})]
+            status = await conn.scalar(RUN_STATUS, {"b_id": run_id})
+            if status is None:
+                raise RunNotFound(f"run {run_id!r} not found")
+            return status, [tuple(row) for row in await conn.execute(RUN_EVENTS_AFTER,
+                                                                     {"b_id": run_id, "b_after": after})]
 
-    async def last_event_id(self, run_id: str) -> int:
+    async def last_run_event(self, run_id: str) -> LoggedEvent:
+        """A logged run's last logged event (its first, `run`, is logged with its row)."""
         async with self._connect() as conn:
-            return await conn.scalar(select(func.max(RUN_EVENTS.c.seq)).where(RUN_EVENTS.c.run_id == run_id)) or 0
+            return tuple((await conn.execute(LAST_RUN_EVENT, {"b_id": run_id})).one())
 
     def _queue_write(self, write: QueuedWrite) -> asyncio.Future[None]:
         self._queue.append(write)
@@ -2343,7 +2351,6 @@ RUN_POLL_S = 0.5  # heartbeats and cancel requests; followers of another worker'
 RUN_LOG_LAG_S = 2.0  # the most the database's log of a running run is behind it, with time to spare
 RUN_STALE_S = 10.0  # a running run whose heartbeat is older than this lost its process
 RUN_SWEEP_S = 5.0  # how often each process looks for such runs, and for ended runs past RUN_RETENTION_S
-LoggedEvent = tuple[int, str, str]  # one event of a run: its id (1, 2, ... in the run), type and JSON
 
 
 class Run:
@@ -2360,28 +2367,28 @@ class Run:
         self.status: RunStatus = "running"
         self.created_at = time.time()
         self.finished_at: float | None = None
-        self.events: list[tuple[str, str]] = []
+        self.events: list[LoggedEvent] = []
         self._registry = registry
         self._added = asyncio.Event()  # set, and replaced, at each event
         self._ending: RunStatus = "cancelled"  # what a cancelled task means: "interrupted" at shutdown
         self._add(RunEvent(run_id=self.id, conversation_id=self.conversation_id))
         self._task = asyncio.create_task(registry.agent.relay(
             registry.agent.run_turn(turn, content, stream=True, options=options), self._put))
-        self._task.add_done_callback(self._drove)
-        self._released: asyncio.Future[None] | None = None
+        self._task.add_done_callback(self._end_if_cancelled)
+        self._released: asyncio.Future[None] | None = None  # held: the loop keeps only weak references to tasks
         self.logged = asyncio.create_task(self._log())
 
     @property
     def result(self) -> str | None:
-        return None if self.status == "running" else self.events[-1][1]
+        """The JSON of the last event, `done` or `error`, once the run ended."""
+        return None if self.status == "running" else self.events[-1][2]
 
     def cancel(self, ending: RunStatus = "cancelled") -> None:
-        """Cancel the turn: its vLLM request closes, its tools are cancelled, it is not stored, and its last event
-        is an `error` that says why."""
-        if self.status != "running":
-            raise RunFinished(f"run {self.id!r} has already ended ({self.status}); there is nothing to cancel")
-        self._ending = ending
-        self._task.cancel()
+        """Cancel the turn if it still runs: its vLLM request closes, its tools are cancelled, it is not stored, and
+        its last event is an `error` that says why."""
+        if self.status == "running":
+            self._ending = ending
+            self._task.cancel()
 
     async def follow(self, after: int, idle_s: float | None = None) -> AsyncIterator[LoggedEvent | None]:
         """The events after id `after` (an id past the last: from now on), then each as it comes, to the last one;
@@ -2391,19 +2398,18 @@ class Run:
             seen -= 1
         while True:
             while seen < len(self.events):  # never a slice taken earlier: the run may end while this yields
+                yield self.events[seen]
                 seen += 1
-                yield seen, *self.events[seen - 1]
             if self.status != "running":
                 return
-            added = self._added
             try:
                 async with asyncio.timeout(idle_s):
-                    await added.wait()
+                    await self._added.wait()
             except TimeoutError:
                 yield None
 
     def _add(self, event: RunEvent | StreamEvent, ending: RunStatus | None = None) -> None:
-        self.events.append((event.type, event.model_dump_json()))
+        self.events.append((len(self.events) + 1, event.type, event.model_dump_json()))
         if event.type in ("done", "error"):
             self.status = ending or ("completed" if event.type == "done" else "failed")
             self.finished_at = time.time()
@@ -2411,12 +2417,13 @@ class Run:
         self._added = asyncio.Event()
 
     async def _put(self, event: StreamEvent) -> None:
+        """`_add` as Agent.relay takes it: awaitable."""
         self._add(event)
 
-    def _drove(self, _task: asyncio.Task[None]) -> None:
+    def _end_if_cancelled(self, _task: asyncio.Task[None]) -> None:
         """A cancelled run's last event, here rather than in the task: one cancelled before it started runs none
         of its code, and still holds the conversation's lease (giving back a lease twice changes nothing)."""
-        if self.status == "running":
+        if self.status == "running":  # the turn's own last event never came
             error = (RunCancelled(f"run {self.id} was cancelled; the turn was not stored")
                      if self._ending == "cancelled" else
                      RunInterrupted(f"run {self.id} was interrupted: the service stopped; the turn was not stored"))
@@ -2425,24 +2432,24 @@ class Run:
 
     async def _log(self) -> None:
         """Write the events to the database: those that came since the last write, at most one write each
-        RUN_FLUSH_S; the row goes with the first write, its end with the last. Then the run leaves the registry,
-        and its followers from then on read the database."""
+        RUN_FLUSH_S. Then the run leaves the registry, and its followers from then on read the database."""
         written = 0
         while True:
             await asyncio.sleep(RUN_FLUSH_S)  # first too: a short run takes one write
             ended, count = self.status != "running", len(self.events)
-            rows = [{"run_id": self.id, "seq": seq, "type": kind, "data": data}
-                    for seq, (kind, data) in enumerate(self.events[written:count], written + 1)]
+            first = written == 0
+            events = [{"run_id": self.id, "seq": seq, "type": kind, "data": data}
+                      for seq, kind, data in self.events[written:count]]
+            row = self._row(first) if first or ended else None  # all of it with the first write, its end the last
             try:
-                await self._registry.store.log_run(RunWrite(self.id, rows, self._row(written == 0) if ended or not
-                                                            written else None, first=written == 0))
+                await self._registry.store.log_run(RunWrite(self.id, events, row, first=first))
             except Exception as exc:
                 logger.warning("could not log the events of run %s, retrying: %s", self.id, exc)
                 await asyncio.sleep(RUN_POLL_S)
                 continue
-            written = count
             if ended:
                 break
+            written = count
             if written == len(self.events):
                 await self._added.wait()
         del self._registry.runs[self.id]
@@ -2479,8 +2486,7 @@ class RunRegistry:
             upkeep.cancel()
             runs = list(registry.runs.values())
             for run in runs:
-                if run.status == "running":
-                    run.cancel("interrupted")
+                run.cancel("interrupted")
             if runs:
                 await asyncio.wait([run.logged for run in runs], timeout=5)
 
@@ -2504,6 +2510,8 @@ class RunRegistry:
         if run is None:
             await self.store.request_cancel(run_id)
             return await self.store.run_info(run_id)
+        if run.status != "running":
+            raise RunFinished(f"run {run_id!r} has already ended ({run.status}); there is nothing to cancel")
         run.cancel()
         return run_info(run)
 
@@ -2518,31 +2526,30 @@ class RunRegistry:
 
     async def _follow_logged(self, run_id: str, after: int, idle_s: float | None) -> AsyncIterator[LoggedEvent | None]:
         """Poll the log. The log lags behind the run, so an id past its end counts as one from the future (then the
-        live tail follows) only once the log had RUN_LOG_LAG_S to catch up. An id past the end of an ended run gets
-        its last event: a client that saw events the log never got (their process died) still hears the end."""
-        began, seen, quiet = time.monotonic(), False, 0.0
+        live tail follows) only once the log had RUN_LOG_LAG_S to catch up; until then, an ended run answers it with
+        its last event, numbered after it: a client that saw events the log never got (their process died) still
+        hears the end."""
+        began, in_log, quiet = time.monotonic(), False, 0.0  # in_log: `after` is known not to be from the future
         while True:
-            status = (await self.store.run_info(run_id)).status  # before the events: if it had ended, they are
-            events = await self.store.run_events(run_id, after)  # all there
-            running = status == "running"
-            if not running and not events and not seen:
-                last = await self.store.last_event_id(run_id)
-                if after > last or (after == last and status == "interrupted"):  # its log may have lost a tail
-                    tail = await self.store.run_events(run_id, last - 1)
-                    events = [(after + 1, kind, data) for _, kind, data in tail]  # numbered after what was seen
+            status, events = await self.store.run_log(run_id, after)
+            ended = status != "running"  # then the log is whole
+            if ended and not events and not in_log:  # `after` is at or past its end
+                seq, kind, data = await self.store.last_run_event(run_id)
+                if after > seq or status == "interrupted":  # an interrupted run's log may lack the tail the client saw
+                    events = [(after + 1, kind, data)]
             for event in events:
                 yield event
-            if not running:
+            if ended:
                 return
             if events:
-                after, seen, quiet = events[-1][0], True, 0.0
+                after, in_log, quiet = events[-1][0], True, 0.0
             else:
                 quiet += RUN_POLL_S
-                if not seen and time.monotonic() - began >= RUN_LOG_LAG_S:
-                    after, seen = min(after, await self.store.last_event_id(run_id)), True
-            if idle_s is not None and quiet >= idle_s:
-                quiet = 0.0
-                yield None
+                if not in_log and time.monotonic() - began >= RUN_LOG_LAG_S:
+                    after, in_log = min(after, (await self.store.last_run_event(run_id))[0]), True
+                if idle_s is not None and quiet >= idle_s:
+                    quiet = 0.0
+                    yield None
             await asyncio.sleep(RUN_POLL_S)
 
     async def _upkeep(self) -> None:
@@ -2552,9 +2559,8 @@ class RunRegistry:
             try:
                 if self.runs:
                     for run_id in await self.store.beat_runs(self.owner):
-                        run = self.runs.get(run_id)
-                        if run is not None and run.status == "running":
-                            run.cancel()
+                        if run_id in self.runs:
+                            self.runs[run_id].cancel()
                 if time.monotonic() - swept >= RUN_SWEEP_S:
                     swept = time.monotonic()
                     await self.store.sweep_runs(RUN_STALE_S, self._retention_s)
@@ -2681,7 +2687,7 @@ async def run_frames(events: AsyncIterator[LoggedEvent | None], cancel: Run | No
             yield KEEPALIVE_COMMENT if event is None else format_sse_event(
                 data_str=event[2], event=event[1], id=str(event[0]))
     finally:
-        if cancel is not None and cancel.status == "running":
+        if cancel is not None:
             cancel.cancel()
 
 
