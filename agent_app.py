@@ -1561,15 +1561,16 @@ def write_batch(conn: Connection, writes: list[QueuedWrite], now: float) -> list
     """Store turns, release leases and log runs' events, in queue order, in the caller's transaction.
 
     Returns the turns not stored because their lease was lost (expired and taken over, or the conversation
-    was deleted). Releasing a lease that is already gone changes nothing.
+    was deleted). Releasing a lease that is already gone changes nothing; a run that a sweep ended logs no more.
     """
     lost, conversations, rows, events = [], [], [], []
     for write in writes:
         if isinstance(write, RunWrite):
             if write.first:
                 conn.execute(insert(RUNS), write.row)
-            elif write.row:  # a run another worker's sweep found stalled and ended stays ended
-                conn.execute(update(RUNS).where(RUNS.c.id == write.run_id, RUNS.c.status == "running"), write.row)
+            elif conn.execute(update(RUNS).where(RUNS.c.id == write.run_id, RUNS.c.status == "running"),
+                              write.row or {"heartbeat_at": now}).rowcount != 1:
+                continue  # another worker's sweep took its process for dead and ended it: its log is closed
             events += write.events
             continue
         assert isinstance(write, PendingWrite)

@@ -11,6 +11,7 @@ import signal
 import socket
 import sqlite3
 import sys
+import time
 from asyncio.subprocess import Process
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, closing
@@ -20,7 +21,10 @@ from typing import Any
 import httpx
 import pytest
 from fake_vllm import FakeVLLM, Reply
+from sqlalchemy import create_engine
 from test_store import postgres_url
+
+from agent_app import sweep_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 Frame = tuple[int, str, str]  # the event's id, its name, and the frame's text as sent
@@ -315,5 +319,46 @@ async def test_a_killed_server_leaves_its_run_interrupted_and_the_conversation_u
     assert data(rest[-1])["detail"].startswith(f"run {run_id} was interrupted")
     ids = [frame[0] for frame in [*got, *rest]]
     assert ids == sorted(set(ids))  # no id twice, even where the dead process's log lost a tail
+    assert after["messages"] == before and after["run_id"] is None
+    assert next_turn.status_code == 200 and next_turn.json()["content"] == "Third."
+
+
+async def test_a_run_swept_as_stalled_by_another_worker_ends_there_and_leaves_its_own_worker(
+        fake_vllm: FakeVLLM, live_server: Any, http: httpx.AsyncClient, tmp_path: Path) -> None:
+    """A worker that stalls past RUN_STALE_S is taken for dead: another worker's sweep ends its run as interrupted
+    and frees the conversation. When the stalled worker wakes, its run still ends, logs nothing more and leaves
+    it: every worker then answers with the database's account of the run."""
+    database = tmp_path / "runs.db"
+    fake_vllm.script("First.", Reply(text="slow " * 60, token_delay_s=0.02), "Third.")
+    async with live_server(vllm_base_url=fake_vllm.url, database_url=f"sqlite+aiosqlite:///{database}") as server:
+        conversation_id = (await http.post(f"{server.url}/api/v1/chat", json={"content": "One"})).json()[
+            "conversation_id"]
+        before = (await http.get(f"{server.url}/api/v1/conversations/{conversation_id}")).json()["messages"]
+        body = {"content": "Two", "conversation_id": conversation_id, "on_disconnect": "continue"}
+        async with http.stream("POST", f"{server.url}/api/v1/chat/stream", json=body) as response:
+            run_id = response.headers["x-run-id"]
+            lines = response.aiter_lines()
+            seen = await read_frames(lines, stop_after=3)
+
+            def logged_there() -> bool:
+                with closing(sqlite3.connect(database)) as conn:
+                    return conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
+            await eventually(logged_there)
+            engine = create_engine(f"sqlite:///{database}")
+            with engine.begin() as conn:  # another worker's sweep, with this worker's heartbeat taken as stale
+                sweep_runs(conn, stale_before=time.time() + 60, expired_before=0.0, now=time.time())
+            engine.dispose()
+            seen += await read_frames(lines)  # the stalled worker's own account, to the end
+
+        async def interrupted() -> bool:
+            return (await http.get(f"{server.url}/api/v1/runs/{run_id}")).json()["status"] == "interrupted"
+        await eventually(interrupted, tries=100)
+        logged_events = await follow(http, server.url, run_id, after=0)
+        after = (await http.get(f"{server.url}/api/v1/conversations/{conversation_id}")).json()
+        next_turn = await http.post(f"{server.url}/api/v1/chat",
+                                    json={"content": "3", "conversation_id": conversation_id})
+    assert seen[-1][1] == "error" and data(seen[-1])["status"] == 409  # its lease was taken: nothing stored
+    assert logged_events[-1][1] == "error" and data(logged_events[-1])["status"] == 503
+    assert [frame[0] for frame in logged_events] == list(range(1, len(logged_events) + 1))
     assert after["messages"] == before and after["run_id"] is None
     assert next_turn.status_code == 200 and next_turn.json()["content"] == "Third."
