@@ -2988,16 +2988,6 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-@dataclass(frozen=True)
-class ChatInput:
-    """A request's messages, read: the new user message, the earlier ones in vLLM's shape, the client's
-    system text."""
-
-    content: str
-    history: list[dict[str, Any]]
-    system: str | None
-
-
 def message_text(message: OpenAIMessage, index: int) -> str:
     """The message's text; images, audio and files are refused rather than silently dropped."""
     content = message.content
@@ -3037,8 +3027,8 @@ def wire_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
-    """Split the messages into the turn's user message, its history and the client's system text."""
+def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> tuple[str, list[dict[str, Any]], str | None]:
+    """The turn's user message, the earlier messages in vLLM's shape, and the client's system text."""
     if body.messages[-1].role != "user":
         raise InvalidChatRequest("the last message must be from the user", "messages")
     messages = wire_messages(body)
@@ -3049,7 +3039,7 @@ def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
         raise InvalidChatRequest("the last user message is empty", "messages")
     if len(content) > max_chars:
         raise ContentTooLarge(f"the last user message is {len(content)} characters; the limit is {max_chars}")
-    return ChatInput(content, history, system or None)
+    return content, history, system or None
 
 
 def is_background_task(request: Request, body: ChatCompletionRequest) -> bool:
@@ -3277,15 +3267,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, agent:
         payload = {"messages": messages, **settings.sampling(), **body.sampling()}
         events = plain_completion_events(agent.llm, payload, stream=body.stream)
     else:
-        chat = read_chat_input(body, settings.max_content_chars)
+        content, history, system = read_chat_input(body, settings.max_content_chars)
         conversation_id = requested_conversation(request)
-        options = TurnOptions(system=chat.system, sampling=body.sampling(), store=conversation_id is not None)
+        options = TurnOptions(system=system, sampling=body.sampling(), store=conversation_id is not None)
         if conversation_id is None:
-            turn = OpenTurn(new_conversation_id(), chat.history, None)
+            turn = OpenTurn(new_conversation_id(), history, None)
         else:
-            turn = await agent.open_turn(conversation_id, chat.content, create=True)
+            turn = await agent.open_turn(conversation_id, content, create=True)
             headers["X-Conversation-ID"] = conversation_id
-        events = agent.run_turn(turn, chat.content, stream=body.stream, options=options)
+        events = agent.run_turn(turn, content, stream=body.stream, options=options)
         if conversation_id is not None and turn.is_new:
             events = busy_on_clash(events, conversation_id)
     if body.stream:
