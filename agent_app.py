@@ -2887,7 +2887,7 @@ def configure_logging(level: str) -> None:
 
 # --- 9. OpenAI API ---
 # The agent served as one model over OpenAI's Chat Completions API, for the openai SDKs and chat UIs (Open WebUI,
-# LibreChat). Each request runs one agent turn through the executor above; the conventions it follows (chunk
+# LibreChat). Each request runs one agent turn through Agent.run_turn; the conventions it follows (chunk
 # shapes, errors, Open WebUI's tool blocks and headers) and their sources are in ../shared/openai-compat.md.
 
 OPENAI_PREFIX = "/v1/"
@@ -2926,7 +2926,7 @@ class StreamOptions(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """OpenAI's chat request. Unknown fields (`user`, `metadata`, penalties, ...) are ignored; `tools` sent by the
-    client are ignored too, as the agent runs its own. The fields `unsupported` lists are refused with 400."""
+    client are ignored too, as the agent runs its own. What `check_supported` lists is refused with 400."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -2999,16 +2999,6 @@ class OpenAIErrorBody(BaseModel):
     error: OpenAIErrorDetail
 
 
-@dataclass(frozen=True)
-class ChatInput:
-    """A request's messages, read: the new user message, the earlier ones in vLLM's shape, the client's
-    system text."""
-
-    content: str
-    history: list[dict[str, Any]]
-    system: str | None
-
-
 def message_text(message: OpenAIMessage, index: int) -> str:
     """The message's text; images, audio and files are refused rather than silently dropped."""
     content = message.content
@@ -3048,8 +3038,8 @@ def wire_messages(body: ChatCompletionRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
-    """Split the messages into the turn's user message, its history and the client's system text."""
+def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> tuple[str, list[dict[str, Any]], str | None]:
+    """The turn's user message, the earlier messages in vLLM's shape, and the client's system text."""
     if body.messages[-1].role != "user":
         raise InvalidChatRequest("the last message must be from the user", "messages")
     messages = wire_messages(body)
@@ -3060,7 +3050,7 @@ def read_chat_input(body: ChatCompletionRequest, max_chars: int) -> ChatInput:
         raise InvalidChatRequest("the last user message is empty", "messages")
     if len(content) > max_chars:
         raise ContentTooLarge(f"the last user message is {len(content)} characters; the limit is {max_chars}")
-    return ChatInput(content, history, system or None)
+    return content, history, system or None
 
 
 def is_background_task(request: Request, body: ChatCompletionRequest) -> bool:
@@ -3076,7 +3066,7 @@ def is_background_task(request: Request, body: ChatCompletionRequest) -> bool:
 def requested_conversation(request: Request) -> str | None:
     """The conversation id of X-Conversation-ID or Open WebUI's X-OpenWebUI-Chat-Id; None: stateless.
 
-    A malformed X-Conversation-ID is the client's mistake (400); Open WebUI's temporary and channel chats
+    A malformed X-Conversation-ID is the client's mistake (422); Open WebUI's temporary and channel chats
     (`temporary:…`, `local:…`, `channel:…`) are not stored, by Open WebUI either, so they run stateless.
     """
     explicit = request.headers.get("x-conversation-id", "").strip()
@@ -3089,37 +3079,38 @@ def requested_conversation(request: Request) -> str | None:
     return chat_id if CONVERSATION_ID.match(chat_id) else None
 
 
-def openai_error(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None, retry: bool = False) -> JSONResponse:
-    """An error response in OpenAI's shape. The openai SDKs re-send 409 and 5xx twice by default, which would
-    run the turn and its tools again: `x-should-retry: false` stops them unless `retry` says a repeat is safe."""
+def check_model(model: str, served: str) -> None:
+    """A request for any model but the agent is a 404, worded as OpenAI's."""
+    if model != served:
+        raise ModelNotFound(f"The model `{model[:200]}` does not exist; this service serves `{served}`")
+
+
+def openai_error(status: int, message: str, exc: Exception | None = None, *, retry: bool = False) -> JSONResponse:
+    """An error response in OpenAI's shape, with the `param`, `code` and headers the exception carries, if any.
+
+    The openai SDKs re-send 409 and 5xx twice by default, which would run the turn and its tools again:
+    `x-should-retry: false` stops them unless `retry` says a repeat is safe.
+    """
+    code = getattr(exc, "code", None) or OPENAI_ERROR_CODES.get(status, str(status))
     body = {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error",
-                      "param": param, "code": code or OPENAI_ERROR_CODES.get(status, str(status))}}
-    return JSONResponse(body, status_code=status,
-                        headers={**(headers or {}), **({} if retry else {"x-should-retry": "false"})})
-
-
-def agent_openai_error(exc: AgentError, *, retry: bool = False) -> JSONResponse:
-    return openai_error(exc.status_code, str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None),
-                        headers=exc.headers, retry=retry)
+                      "param": getattr(exc, "param", None), "code": code}}
+    headers = getattr(exc, "headers", None) or {}
+    return JSONResponse(body, status_code=status, headers=headers if retry else {**headers, "x-should-retry": "false"})
 
 
 Handler = Callable[[Request, Any], Any]
 
 
 def openai_errors_on_v1(handler: Handler) -> Handler:
-    """Wrap one of the app's exception handlers: on /v1 paths its `{"detail": ...}` answer is given in OpenAI's
-    shape instead (a malformed body is 400 there, as in OpenAI's API, not 422)."""
+    """Wrap one of the app's exception handlers: on /v1 paths its `{"detail": ...}` answer, status kept, is
+    given in OpenAI's shape instead."""
 
     async def dispatch(request: Request, exc: Exception) -> Response:
         response = await handler(request, exc)
         if not request.url.path.startswith(OPENAI_PREFIX):
             return response
         detail = loads_json(response.body).get("detail")
-        status = response.status_code
-        return openai_error(status, detail if isinstance(detail, str) else "invalid request",
-                            param=getattr(exc, "param", None), code=getattr(exc, "code", None),
-                            headers=getattr(exc, "headers", None))
+        return openai_error(response.status_code, detail if isinstance(detail, str) else "invalid request", exc)
 
     return dispatch
 
@@ -3142,7 +3133,7 @@ class OpenAICompletion:
         self._line_start = True  # the content so far is empty or ends a line: a block may start here
 
     def delta(self, event: StreamEvent) -> dict[str, str] | None:
-        """The delta an event adds to the message, if any. `reasoning` events (thinking) are matched by type."""
+        """The delta an event adds to the message, if any."""
         kind = event.type
         if kind == "token":
             return self._content(event.content)
@@ -3197,7 +3188,7 @@ class OpenAICompletion:
                 end += self._chunk(None, usage=event.usage)
             return f"{end}data: [DONE]\n\n".encode()
         if event.type == "error":
-            return f"data: {openai_error(event.status, event.detail).body.decode()}\n\ndata: [DONE]\n\n".encode()
+            return b"data: " + openai_error(event.status, event.detail).body + b"\n\ndata: [DONE]\n\n"
         delta = self.delta(event)
         return self._chunk(delta).encode() if delta else b""
 
@@ -3251,7 +3242,7 @@ async def busy_on_clash(events: AsyncIterator[StreamEvent], conversation_id: str
 
 
 OPENAI_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": OpenAIErrorBody} for status in (400, 401, 404, 409, 413, 415, 422, 500, 502, 503, 504)
+    status: {"model": OpenAIErrorBody} for status in OPENAI_ERROR_CODES
 }
 openai_router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=OPENAI_RESPONSES,
                           dependencies=[Depends(require_api_key)])
@@ -3266,8 +3257,7 @@ async def list_models(agent: AgentDep) -> OpenAIModelList:
 @openai_router.get("/models/{model}", summary="The agent's model object")
 async def retrieve_model(model: str, agent: AgentDep) -> OpenAIModel:
     name = agent.settings.agent_model_name
-    if model != name:
-        raise ModelNotFound(f"The model `{model[:200]}` does not exist; this service serves `{name}`")
+    check_model(model, name)
     return OpenAIModel(id=name, created=MODEL_CREATED, owned_by=name)
 
 
@@ -3276,9 +3266,7 @@ async def retrieve_model(model: str, agent: AgentDep) -> OpenAIModel:
 async def chat_completions(body: ChatCompletionRequest, request: Request, agent: AgentDep) -> Response:
     """Stateless unless a conversation id comes in a header; Open WebUI's background tasks skip the agent."""
     settings = agent.settings
-    if body.model != settings.agent_model_name:
-        raise ModelNotFound(f"The model `{body.model[:200]}` does not exist; this service serves "
-                            f"`{settings.agent_model_name}`")
+    check_model(body.model, settings.agent_model_name)
     body.check_supported()
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     completion = OpenAICompletion(body.model, settings.agent_tool_display, include_usage=include_usage)
@@ -3290,15 +3278,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, agent:
         payload = {"messages": messages, **settings.sampling(), **body.sampling()}
         events = plain_completion_events(agent.llm, payload, stream=body.stream)
     else:
-        chat = read_chat_input(body, settings.max_content_chars)
+        content, history, system = read_chat_input(body, settings.max_content_chars)
         conversation_id = requested_conversation(request)
-        options = TurnOptions(system=chat.system, sampling=body.sampling(), store=conversation_id is not None)
+        options = TurnOptions(system=system, sampling=body.sampling(), store=conversation_id is not None)
         if conversation_id is None:
-            turn = OpenTurn(new_conversation_id(), chat.history, None)
+            turn = OpenTurn(new_conversation_id(), history, None)
         else:
-            turn = await agent.open_turn(conversation_id, chat.content, create=True)
+            turn = await agent.open_turn(conversation_id, content, create=True)
             headers["X-Conversation-ID"] = conversation_id
-        events = agent.run_turn(turn, chat.content, stream=body.stream, options=options)
+        events = agent.run_turn(turn, content, stream=body.stream, options=options)
         if conversation_id is not None and turn.is_new:
             events = busy_on_clash(events, conversation_id)
     if body.stream:
@@ -3309,7 +3297,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, agent:
             finished = [event async for event in events]
     except AgentError as exc:  # a 503 before any tool ran may be retried; anything later would run them again
         logger.info("turn failed: %s %s", exc.status_code, exc)
-        return agent_openai_error(exc, retry=isinstance(exc, VLLMBusy) and not completion.tools_ran)
+        return openai_error(exc.status_code, str(exc), exc,
+                            retry=isinstance(exc, VLLMBusy) and not completion.tools_ran)
     return completion.response(finished, headers)
 
 
