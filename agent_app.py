@@ -3128,7 +3128,6 @@ class OpenAICompletion:
         self.model = model
         self.display = display
         self.include_usage = include_usage
-        self.tools_ran = False
         self._arguments: dict[str, dict[str, Any]] = {}
         self._line_start = True  # the content so far is empty or ends a line: a block may start here
 
@@ -3140,7 +3139,6 @@ class OpenAICompletion:
         if kind == "reasoning":
             return {"reasoning_content": event.content}
         if kind == "tool_call":
-            self.tools_ran = True
             self._arguments[event.id] = event.arguments
         elif kind == "tool_result" and (block := self._tool_block(event)):
             return self._content(block if self._line_start else "\n" + block)
@@ -3292,13 +3290,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, agent:
     if body.stream:
         return EventSourceResponse(sse_frames(agent, events, completion.frame, first=completion.role_chunk()),
                                    headers={**SSE_HEADERS, **headers})
+    finished: list[StreamEvent] = []
     try:
         async with agent.deadline():
-            finished = [event async for event in events]
+            async for event in events:
+                finished.append(event)
     except AgentError as exc:  # a 503 before any tool ran may be retried; anything later would run them again
         logger.info("turn failed: %s %s", exc.status_code, exc)
-        return openai_error(exc.status_code, str(exc), exc,
-                            retry=isinstance(exc, VLLMBusy) and not completion.tools_ran)
+        tools_ran = any(event.type == "tool_call" for event in finished)
+        return openai_error(exc.status_code, str(exc), exc, retry=isinstance(exc, VLLMBusy) and not tools_ran)
     return completion.response(finished, headers)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
-from fake_vllm import FakeVLLM, Reply
+from conftest import LiveServer, tool_call_text
+from fake_vllm import ADMISSION_MESSAGE, FakeVLLM, Reply
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
@@ -413,6 +413,30 @@ async def test_an_error_after_the_stream_started_is_a_final_error_frame(serve: C
     assert not isinstance(failed.value, openai.APIStatusError)
     assert failed.value.body["type"] == "server_error" and failed.value.body["code"] == "upstream_error"
     assert all(choice.finish_reason is None for chunk in chunks for choice in chunk.choices)
+
+
+@pytest.mark.parametrize("tool_ran", [False, True], ids=["before-a-tool", "after-a-tool"])
+async def test_a_busy_vllm_is_retried_by_the_sdk_only_while_no_tool_has_run(
+        tool_ran: bool, serve: Callable[..., LiveServer], fake_vllm: FakeVLLM) -> None:
+    """vLLM's admission control answers 503: a turn that ran no tool yet may be sent again, one that ran tools
+    may not (the SDK would run them again)."""
+    busy = Reply(status=503, error_message=ADMISSION_MESSAGE)
+    fake_vllm.script(*([tool_call_text("calculator", {"expression": "6*7"})] if tool_ran else []), busy,
+                     "The answer is 42.")
+    async with serve(vllm_max_retries=0) as server:
+        client = sdk(server, max_retries=1)
+        if tool_ran:
+            with pytest.raises(openai.InternalServerError) as failed:
+                await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "6*7?"}])
+        else:
+            answer = await client.chat.completions.create(model=MODEL,
+                                                          messages=[{"role": "user", "content": "6*7?"}])
+    if tool_ran:
+        assert failed.value.status_code == 503 and failed.value.response.headers["x-should-retry"] == "false"
+        assert len(fake_vllm.requests) == 2  # the tool's step and the refused one; nothing sent again
+    else:
+        assert answer.choices[0].message.content == "The answer is 42."
+        assert len(fake_vllm.requests) == 2  # refused once, then answered on the SDK's retry
 
 
 async def test_a_failed_turn_is_not_retried_by_the_sdk(serve: Callable[..., LiveServer], fake_vllm: FakeVLLM) -> None:
