@@ -2393,10 +2393,12 @@ class Run:
 
     async def follow(self, after: int, idle_s: float | None = None) -> AsyncIterator[LoggedEvent | None]:
         """The events after id `after` (an id past the last: from now on), then each as it comes, to the last one;
-        None after `idle_s` without an event. An id past the end of an ended run gets its last event."""
+        None after `idle_s` without an event. An id past the end of an ended run gets its last event, numbered
+        after that id, as the database's log answers it."""
         seen = min(after, len(self.events))
         if after > seen and self.status != "running":
-            seen -= 1
+            yield after + 1, *self.events[-1][1:]
+            return
         while True:
             while seen < len(self.events):  # never a slice taken earlier: the run may end while this yields
                 yield self.events[seen]
