@@ -2325,7 +2325,10 @@ class Agent:
             state.add({"role": "tool", "tool_call_id": call.id, "content": text})
 
     async def _results_as_completed(self, calls: list[FunctionCall]) -> AsyncIterator[tuple[int, ToolResult]]:
-        """(index, result) as each call finishes; the calls run concurrently."""
+        """(index, result) as each call finishes: several run concurrently, a single one inline (no task)."""
+        if len(calls) == 1:
+            yield await self._run_tool(0, calls[0])
+            return
         tasks = [asyncio.create_task(self._run_tool(index, call)) for index, call in enumerate(calls)]
         try:
             for next_done in asyncio.as_completed(tasks):
