@@ -1960,10 +1960,11 @@ class StepReply:
 
 @dataclass
 class TurnState:
-    """What one turn has produced so far; `usages` runs parallel to `messages` (stored with them). The turn's
-    `chat_template_kwargs` and whether its prompt opens a thought (the reply then starts inside one) come first."""
-    template_kwargs: dict[str, Any]
-    in_thought: bool
+    """One turn as it runs: its settings, then what it has produced so far (`usages` runs parallel to `messages`;
+    both are stored)."""
+    options: TurnOptions
+    template_kwargs: dict[str, Any]  # the turn's chat_template_kwargs: its thinking choice
+    in_thought: bool  # the generation prompt opens a thought, so a reply starts inside one
     messages: list[dict[str, Any]] = field(default_factory=list)
     usages: list[Usage | None] = field(default_factory=list)
     content: list[str] = field(default_factory=list)
@@ -1971,21 +1972,13 @@ class TurnState:
     records: list[ToolCallRecord] = field(default_factory=list)
     usage: Usage | None = None
     call_counts: Counter[str] = field(default_factory=Counter)
-    reply: StepReply | None = None  # the latest LLM call's
-    options: TurnOptions = field(default_factory=TurnOptions)
+    reply: StepReply | None = None  # the latest LLM call's, set by _call_model (an async generator returns nothing)
 
     def add(self, message: dict[str, Any], usage: Usage | None = None) -> None:
         self.messages.append(message)
         self.usages.append(usage)
         if usage is not None:
             self.usage = usage if self.usage is None else self.usage + usage
-
-    def keep_reply(self) -> StepReply:
-        """Add the latest LLM call's message to the turn and hand its calls on."""
-        reply = self.reply
-        assert reply is not None, "keep_reply follows an LLM call"
-        self.add(reply.message, reply.usage)
-        return reply
 
     def done(self, conversation_id: str, stop_reason: StopReason) -> DoneEvent:
         return DoneEvent(conversation_id=conversation_id, content="".join(self.content),
@@ -2086,13 +2079,13 @@ class Agent:
                        options: TurnOptions | None = None) -> AsyncIterator[StreamEvent]:
         """Run one user turn, yielding events as they happen; the last one is a DoneEvent.
 
-        `thinking` overrides THINKING for this turn. A step cut at the token limit ends the turn, its calls not
-        run. Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it
+        `options.thinking` overrides THINKING for this turn. A step cut at the token limit ends the turn, its calls
+        not run. Nothing is written until the turn succeeds, so a failed or cancelled turn leaves the history as it
         was and its conversation free.
         """
         options = options or TurnOptions()
         template_kwargs = self._template_kwargs(options.thinking)
-        state = TurnState(template_kwargs, await self._opens_thought(template_kwargs), options=options)
+        state = TurnState(options, template_kwargs, await self._opens_thought(template_kwargs))
         state.add({"role": "user", "content": content})
         stop_reason: StopReason = "max_steps"
         stored = False
@@ -2100,18 +2093,23 @@ class Agent:
             for _ in range(self.settings.agent_max_steps):
                 async for event in self._call_model(turn.history, state, stream=stream, tools=True):
                     yield event
-                if state.reply.cut or not state.reply.calls:
-                    stop_reason = "length" if state.keep_reply().cut else "completed"
+                reply = state.reply
+                if reply.cut or not reply.calls:
+                    state.add(reply.message, reply.usage)
+                    stop_reason = "length" if reply.cut else "completed"
                     break
-                if self._is_looping(state.reply.calls, state):
-                    stop_reason = "loop_detected"
+                if self._is_looping(reply.calls, state):
+                    stop_reason = "loop_detected"  # the looping reply is left out; the nudge asks for an answer
                     break
-                async for event in self._run_tools(state.keep_reply().calls, state):
+                state.add(reply.message, reply.usage)
+                async for event in self._run_tools(reply.calls, state):
                     yield event
             if stop_reason in ("max_steps", "loop_detected"):
                 async for event in self._call_model(turn.history, state, stream=stream, tools=False, nudge=True):
                     yield event
-                if state.keep_reply().cut:
+                reply = state.reply
+                state.add(reply.message, reply.usage)
+                if reply.cut:
                     stop_reason = "length"
             if state.options.store:
                 await self.store.commit_turn(turn, state.messages, state.usages)
