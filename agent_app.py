@@ -2160,15 +2160,16 @@ class Agent:
         """One LLM call: thinking as ReasoningEvents, then visible text as TokenEvents; the reply lands in
         `state.reply`.
 
-        Switches to text mode once if vLLM has no tool parser, and trims harder once if vLLM says the prompt is too
-        long (both are refused before any text streams).
+        Two refusals, which vLLM gives before any text, are retried once each: no tool parser (sent again in text
+        mode) and a prompt too long (sent again trimmed harder).
         """
+        head = self._prompt_head(tools)
         current = [*state.messages, {"role": "system", "content": FINAL_ANSWER_NUDGE}] if nudge else state.messages
-        pieces: list[str] = []
-        harder = False
+        splitter = ReplySplitter(head.parameters, in_thought=state.in_thought)
+        pieces: list[str] = []  # this step's visible text
+        trim_harder = False
         while True:
-            payload = await self._payload(history, current, state, tools=tools, harder=harder)
-            splitter = ReplySplitter(self._prompt_head(tools).parameters, in_thought=state.in_thought)
+            payload = await self._payload(head, history, current, state, trim_harder=trim_harder)
             try:
                 if stream:
                     assembler = StreamAssembler()
@@ -2184,16 +2185,18 @@ class Agent:
             except NoToolParser as exc:
                 self._switch_to_text_mode(exc)
             except ContextTooLong:
-                if harder:
+                if trim_harder:
                     raise
-                harder = True
+                trim_harder = True
         for event in self._shown(splitter.flush(), pieces, state):
             yield event
-        state.reply = self._step_reply(completion, splitter.finish(), "".join(pieces), state, tools=tools)
+        split = splitter.finish()
+        if split.reasoning:
+            state.reasoning.append(split.reasoning)
+        state.reply = self._step_reply(completion, split, "".join(pieces), tools=tools)
 
     @staticmethod
-    def _step_reply(completion: Completion, split: SplitReply, content: str, state: TurnState, *,
-                    tools: bool) -> StepReply:
+    def _step_reply(completion: Completion, split: SplitReply, content: str, *, tools: bool) -> StepReply:
         """The step's assistant message, with its thinking (sent back within this turn) and the calls to run: vLLM's,
         else those in the text; none when the step was cut at the token limit."""
         cut = completion.finish_reason == "length"
@@ -2201,17 +2204,22 @@ class Agent:
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if split.reasoning:
             message["reasoning"] = split.reasoning
-            state.reasoning.append(split.reasoning)
         if calls:
             message["tool_calls"] = [call.wire() for call in calls]
         return StepReply(message, calls, completion.usage, cut)
 
-    def _shown(self, shown: tuple[str, str], pieces: list[str], state: TurnState) -> list[ReasoningEvent | TokenEvent]:
-        """The events for what the splitter let through: thinking first, then answer text."""
+    @staticmethod
+    def _shown(shown: tuple[str, str], pieces: list[str], state: TurnState) -> list[ReasoningEvent | TokenEvent]:
+        """The events for what the splitter let through, thinking first. The answer text joins the step's `pieces`
+        and the turn's content, where a step's text is set off from an earlier step's by a blank line."""
         thinking, answer = shown
         events: list[ReasoningEvent | TokenEvent] = [ReasoningEvent(content=thinking)] if thinking else []
         if answer:
-            events.append(self._token(answer, pieces, state))
+            pieces.append(answer)
+            if len(pieces) == 1 and state.content and not state.content[-1].endswith("\n"):
+                answer = "\n\n" + answer
+            state.content.append(answer)
+            events.append(TokenEvent(content=answer))
         return events
 
     def _switch_to_text_mode(self, exc: NoToolParser) -> None:
@@ -2222,27 +2230,17 @@ class Agent:
         logger.warning("vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
                        "reading tool calls from the model's text", self.llm.base_url)
 
-    @staticmethod
-    def _token(text: str, pieces: list[str], state: TurnState) -> TokenEvent:
-        """A visible piece; a step's text is set off from an earlier step's by a blank line."""
-        pieces.append(text)
-        if len(pieces) == 1 and state.content and not state.content[-1].endswith("\n"):
-            text = "\n\n" + text
-        state.content.append(text)
-        return TokenEvent(content=text)
-
-    async def _payload(self, history: list[dict[str, Any]], current: list[dict[str, Any]], state: TurnState, *,
-                       tools: bool, harder: bool) -> dict[str, Any]:
+    async def _payload(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]],
+                       state: TurnState, *, trim_harder: bool) -> dict[str, Any]:
         """The request body: system prompt, what fits of history, tools, the thinking choice, sampling.
 
         In text mode the tools go with `tool_choice: "none"`: the model's own template renders them in the format
         it was trained on (Qwen3.5: XML), and vLLM leaves the calls in the text for us to read.
         """
-        head = self._prompt_head(tools)
         if state.options.system:
             system = {"role": "system", "content": f"{head.system['content']}\n\n{state.options.system}"}
             head = replace(head, system=system, tokens=head.tokens + estimate_tokens(state.options.system))
-        messages = await self._fit(head, history, current, state.template_kwargs, harder=harder)
+        messages = await self._fit(head, history, current, state.template_kwargs, trim_harder=trim_harder)
         payload: dict[str, Any] = {"messages": messages, **self._sampling, **state.options.sampling}
         if head.tools:
             payload["tools"] = head.tools_json
@@ -2265,13 +2263,13 @@ class Agent:
         return head
 
     async def _fit(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]],
-                   template_kwargs: dict[str, Any], *, harder: bool) -> list[dict[str, Any]]:
+                   template_kwargs: dict[str, Any], *, trim_harder: bool) -> list[dict[str, Any]]:
         """System prompt, the newest whole turns of history that fit the window, and the current turn.
 
         Below half the budget a cheap estimate decides; nearer the limit vLLM's /tokenize counts.
         """
         budget = await self._token_budget()
-        if harder:
+        if trim_harder:
             budget = budget * 3 // 4
         messages = [head.system, *history, *current]
         estimate = head.tokens + estimate_tokens(history) + estimate_tokens(current)
