@@ -1935,7 +1935,7 @@ FINAL_ANSWER_NUDGE = (
     "Stop calling tools now. Answer the user's last message with what the tool results above "
     "already show, and say what is still unknown."
 )
-NO_TOOLS: list[dict[str, Any]] = []
+NO_TOOLS: list[dict[str, Any]] = []  # the final answer's tool list: always this object, so its PromptHead stays cached
 
 
 @dataclass(frozen=True)
@@ -2132,7 +2132,7 @@ class Agent:
 
     async def _opens_thought(self, template_kwargs: dict[str, Any]) -> bool:
         """Whether the generation prompt ends in an open `<think>` (Qwen3.5 and later): a server without a
-        reasoning parser then sends a thought that has no opening tag."""
+        reasoning parser then sends a thought that has no opening tag. Ċ: a newline in byte-level token text."""
         end = await self._prompt_end(template_kwargs)
         return end is not None and end[1].rstrip("\nĊ ").endswith(THINK_OPEN)
 
@@ -2147,7 +2147,7 @@ class Agent:
         return self._prompt_ends[key]
 
     def _is_looping(self, calls: list[FunctionCall], state: TurnState) -> bool:
-        """True when a call repeats one already made REPEATED_CALL_LIMIT - 1 times this turn."""
+        """True when a call repeats one already made REPEATED_CALL_LIMIT - 1 times this turn; else counts the calls."""
         keys = [f"{call.name}:{json.dumps(call.arguments, sort_keys=True)}" for call in calls]
         if any(state.call_counts[key] >= REPEATED_CALL_LIMIT - 1 for key in keys):
             logger.warning("the model repeats the same tool call; asking it for a final answer")
@@ -2251,6 +2251,8 @@ class Agent:
         return payload
 
     def _prompt_head(self, tools: bool) -> PromptHead:
+        """The cached head of requests with or without tools; made again when the day changes or the registry's
+        tool list does (the registry then hands out a new list)."""
         schemas = self.registry.openai_schemas() if tools else NO_TOOLS
         today = datetime.now(UTC).date().isoformat()
         head = self._heads.get(tools)
@@ -2266,7 +2268,9 @@ class Agent:
                    template_kwargs: dict[str, Any], *, trim_harder: bool) -> list[dict[str, Any]]:
         """System prompt, the newest whole turns of history that fit the window, and the current turn.
 
-        Below half the budget a cheap estimate decides; nearer the limit vLLM's /tokenize counts.
+        A prompt whose cheap, high estimate is under half the budget goes whole. Otherwise vLLM's /tokenize counts
+        it, and the oldest turns are dropped, their estimates scaled to that count, until it fits. `trim_harder`
+        (vLLM found the prompt too long after all) leaves a quarter of the budget unused.
         """
         budget = await self._token_budget()
         if trim_harder:
@@ -2277,26 +2281,27 @@ class Agent:
             return messages
         turns = split_turns(history)
         sizes = [estimate_tokens(turn) for turn in turns]
-        first = 0
+        dropped = 0  # the oldest turns left out
         while True:
-            if estimate <= budget // 2:
+            if estimate <= budget // 2:  # enough turns dropped that the estimate alone shows the rest fits
                 count = estimate
             else:
                 count = await self.llm.count_tokens(messages, head.tools, template_kwargs) or estimate
             if count <= budget:
-                if first:
-                    logger.info("sending the newest %d of %d turns to fit %d tokens", len(turns) - first,
+                if dropped:
+                    logger.info("sending the newest %d of %d turns to fit %d tokens", len(turns) - dropped,
                                 len(turns), budget)
                 return messages
-            if first == len(turns):
+            if dropped == len(turns):
                 raise ContextTooLong(f"the message is too long for the model: about {count} tokens, and the "
                                      f"context window leaves {budget} for the prompt")
-            excess, ratio = count - budget, count / estimate
-            while first < len(turns) and excess > 0:
-                excess -= sizes[first] * ratio
-                estimate -= sizes[first]
-                first += 1
-            messages = [head.system, *(m for turn in turns[first:] for m in turn), *current]
+            excess = count - budget
+            scale = count / estimate  # counted tokens per estimated token
+            while dropped < len(turns) and excess > 0:
+                excess -= sizes[dropped] * scale
+                estimate -= sizes[dropped]
+                dropped += 1
+            messages = [head.system, *(m for turn in turns[dropped:] for m in turn), *current]
 
     async def _token_budget(self) -> int:
         """Prompt tokens allowed: the model's window minus the room kept for the answer."""
@@ -2334,6 +2339,8 @@ class Agent:
                 task.cancel()
 
     async def _run_tool(self, index: int, call: FunctionCall) -> tuple[int, ToolResult]:
+        """One call's result beside its index (several finish in any order); a call that could not be read is not
+        run, its error is the result."""
         if call.error is not None:
             return index, ToolResult(None, call.error, 0.0)
         try:
