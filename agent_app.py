@@ -2195,40 +2195,19 @@ class Agent:
             state.reasoning.append(split.reasoning)
         state.reply = self._step_reply(completion, split, "".join(pieces), tools=tools)
 
-    @staticmethod
-    def _step_reply(completion: Completion, split: SplitReply, content: str, *, tools: bool) -> StepReply:
-        """The step's assistant message, with its thinking (sent back within this turn) and the calls to run: vLLM's,
-        else those in the text; none when the step was cut at the token limit."""
-        cut = completion.finish_reason == "length"
-        calls = (completion.tool_calls or split.calls) if tools and not cut else []
-        message: dict[str, Any] = {"role": "assistant", "content": content}
-        if split.reasoning:
-            message["reasoning"] = split.reasoning
-        if calls:
-            message["tool_calls"] = [call.wire() for call in calls]
-        return StepReply(message, calls, completion.usage, cut)
-
-    @staticmethod
-    def _shown(shown: tuple[str, str], pieces: list[str], state: TurnState) -> list[ReasoningEvent | TokenEvent]:
-        """The events for what the splitter let through, thinking first. The answer text joins the step's `pieces`
-        and the turn's content, where a step's text is set off from an earlier step's by a blank line."""
-        thinking, answer = shown
-        events: list[ReasoningEvent | TokenEvent] = [ReasoningEvent(content=thinking)] if thinking else []
-        if answer:
-            pieces.append(answer)
-            if len(pieces) == 1 and state.content and not state.content[-1].endswith("\n"):
-                answer = "\n\n" + answer
-            state.content.append(answer)
-            events.append(TokenEvent(content=answer))
-        return events
-
-    def _switch_to_text_mode(self, exc: NoToolParser) -> None:
-        """From now on tool calls are read from the text, as TOOL_CALL_FORMAT=auto allows (else the turn fails)."""
-        if self.tool_format != "native" or self.settings.tool_call_format != "auto":
-            raise LLMError(str(exc)) from exc
-        self.tool_format = "hermes"
-        logger.warning("vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
-                       "reading tool calls from the model's text", self.llm.base_url)
+    def _prompt_head(self, tools: bool) -> PromptHead:
+        """The cached head of requests with or without tools; made again when the day changes or the registry's
+        tool list does (the registry then hands out a new list)."""
+        schemas = self.registry.openai_schemas() if tools else NO_TOOLS
+        today = datetime.now(UTC).date().isoformat()
+        head = self._heads.get(tools)
+        if head is None or head.tools is not schemas or head.date != today:
+            system = {"role": "system", "content": self.settings.system_prompt.replace("{date}", today)}
+            parameters = {schema["function"]["name"]: schema["function"].get("parameters") or {} for schema in schemas}
+            head = self._heads[tools] = PromptHead(today, system, schemas,
+                                                   EncodedJson(JSON_ENCODER.encode(schemas)), parameters,
+                                                   estimate_tokens(system) + estimate_tokens(schemas))
+        return head
 
     async def _payload(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]],
                        state: TurnState, *, trim_harder: bool) -> dict[str, Any]:
@@ -2249,20 +2228,6 @@ class Agent:
         if state.template_kwargs:
             payload["chat_template_kwargs"] = state.template_kwargs
         return payload
-
-    def _prompt_head(self, tools: bool) -> PromptHead:
-        """The cached head of requests with or without tools; made again when the day changes or the registry's
-        tool list does (the registry then hands out a new list)."""
-        schemas = self.registry.openai_schemas() if tools else NO_TOOLS
-        today = datetime.now(UTC).date().isoformat()
-        head = self._heads.get(tools)
-        if head is None or head.tools is not schemas or head.date != today:
-            system = {"role": "system", "content": self.settings.system_prompt.replace("{date}", today)}
-            parameters = {schema["function"]["name"]: schema["function"].get("parameters") or {} for schema in schemas}
-            head = self._heads[tools] = PromptHead(today, system, schemas,
-                                                   EncodedJson(JSON_ENCODER.encode(schemas)), parameters,
-                                                   estimate_tokens(system) + estimate_tokens(schemas))
-        return head
 
     async def _fit(self, head: PromptHead, history: list[dict[str, Any]], current: list[dict[str, Any]],
                    template_kwargs: dict[str, Any], *, trim_harder: bool) -> list[dict[str, Any]]:
@@ -2308,6 +2273,41 @@ class Agent:
         window = self.settings.max_model_len or await self.llm.max_model_len()
         reserve = self.settings.max_tokens or self.settings.context_reserve_tokens
         return max(window - reserve, window // 4)
+
+    @staticmethod
+    def _shown(shown: tuple[str, str], pieces: list[str], state: TurnState) -> list[ReasoningEvent | TokenEvent]:
+        """The events for what the splitter let through, thinking first. The answer text joins the step's `pieces`
+        and the turn's content, where a step's text is set off from an earlier step's by a blank line."""
+        thinking, answer = shown
+        events: list[ReasoningEvent | TokenEvent] = [ReasoningEvent(content=thinking)] if thinking else []
+        if answer:
+            pieces.append(answer)
+            if len(pieces) == 1 and state.content and not state.content[-1].endswith("\n"):
+                answer = "\n\n" + answer
+            state.content.append(answer)
+            events.append(TokenEvent(content=answer))
+        return events
+
+    def _switch_to_text_mode(self, exc: NoToolParser) -> None:
+        """From now on tool calls are read from the text, as TOOL_CALL_FORMAT=auto allows (else the turn fails)."""
+        if self.tool_format != "native" or self.settings.tool_call_format != "auto":
+            raise LLMError(str(exc)) from exc
+        self.tool_format = "hermes"
+        logger.warning("vLLM at %s has no tool-call parser (--enable-auto-tool-choice); "
+                       "reading tool calls from the model's text", self.llm.base_url)
+
+    @staticmethod
+    def _step_reply(completion: Completion, split: SplitReply, content: str, *, tools: bool) -> StepReply:
+        """The step's assistant message, with its thinking (sent back within this turn) and the calls to run: vLLM's,
+        else those in the text; none when the step was cut at the token limit."""
+        cut = completion.finish_reason == "length"
+        calls = (completion.tool_calls or split.calls) if tools and not cut else []
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if split.reasoning:
+            message["reasoning"] = split.reasoning
+        if calls:
+            message["tool_calls"] = [call.wire() for call in calls]
+        return StepReply(message, calls, completion.usage, cut)
 
     async def _run_tools(self, calls: list[FunctionCall], state: TurnState) -> AsyncIterator[StreamEvent]:
         """Run a reply's calls concurrently; events as results come, messages in call order."""
