@@ -849,21 +849,29 @@ async def test_stop_does_not_wait_for_a_stalled_stream() -> None:
     assert (fake.open_streams, fake.disconnects) == (0, 0)
 
 
-async def test_cli_serves_the_default_responder() -> None:
+@asynccontextmanager
+async def fake_cli(*args: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The fake started from its command line (`python tests/fake_vllm.py --port 0 ...`), and a client on the URL
+    it prints; stopped afterwards."""
     script = Path(__file__).with_name("fake_vllm.py")
-    process = await asyncio.create_subprocess_exec(sys.executable, str(script), "--port", "0", "--answer-tokens", "4",
-                                                   "--version", "0.11", stdout=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(sys.executable, str(script), "--port", "0", *args,
+                                                   stdout=asyncio.subprocess.PIPE)
     try:
         assert process.stdout is not None
         line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
         url = re.fullmatch(r"fake vLLM listening on (http://127\.0\.0\.1:\d+)\n", line)
         assert url is not None
         async with httpx.AsyncClient(base_url=url.group(1), timeout=5) as client:
-            body = (await client.post(CHAT, json=request())).json()
-        assert body["choices"][0]["message"]["content"] == "You said: hi"
+            yield client
     finally:
         process.terminate()
         await process.wait()
+
+
+async def test_cli_serves_the_default_responder() -> None:
+    async with fake_cli("--answer-tokens", "4", "--version", "0.11") as client:
+        body = (await client.post(CHAT, json=request())).json()
+    assert body["choices"][0]["message"]["content"] == "You said: hi"
 
 
 
@@ -1634,24 +1642,13 @@ async def test_033_default_responder_answers_tool_results_after_thinking() -> No
 
 
 async def test_033_cli_serves_a_profile() -> None:
-    script = Path(__file__).with_name("fake_vllm.py")
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(script), "--port", "0", "--version", "0.33", "--template", "qwen3.5",
-        "--tool-call-parser", "qwen3_coder", "--reasoning-parser", "qwen3", stdout=asyncio.subprocess.PIPE)
-    try:
-        assert process.stdout is not None
-        line = (await asyncio.wait_for(process.stdout.readline(), 10)).decode()
-        url = re.fullmatch(r"fake vLLM listening on (http://127\.0\.0\.1:\d+)\n", line)
-        assert url is not None
-        async with httpx.AsyncClient(base_url=url.group(1), timeout=5) as client:
-            body = (await client.post(CHAT, json=ask(messages=QUESTION, tools=CALC_AND_CLOCK,
-                                                     chat_template_kwargs=THINK_ON))).json()
-            version = (await client.get("/version")).json()
-        assert (version, body["model"], [call["function"]["name"] for call in body["choices"][0]["message"][
-            "tool_calls"]]) == ({"version": "0.33.0"}, QWEN35, ["calculator", "get_current_time"])
-    finally:
-        process.terminate()
-        await process.wait()
+    async with fake_cli("--version", "0.33", "--template", "qwen3.5", "--tool-call-parser", "qwen3_coder",
+                        "--reasoning-parser", "qwen3") as client:
+        body = (await client.post(CHAT, json=ask(messages=QUESTION, tools=CALC_AND_CLOCK,
+                                                 chat_template_kwargs=THINK_ON))).json()
+        version = (await client.get("/version")).json()
+    assert (version, body["model"], [call["function"]["name"] for call in body["choices"][0]["message"][
+        "tool_calls"]]) == ({"version": "0.33.0"}, QWEN35, ["calculator", "get_current_time"])
 
 
 # vLLM 0.33's own qwen3 reasoning-parser and qwen3_coder tool-parser cases (tests/vllm_parser_cases.py), run
